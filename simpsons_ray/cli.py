@@ -1,0 +1,144 @@
+"""The ``simpsons-ray`` command: argparse subcommands -> config dataclasses -> one library call each.
+
+``jobs/*.py`` call :func:`main` with their subcommand, so a job submitted with
+``ray job submit`` takes exactly the flags of the matching subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from simpsons_ray.errors import UserError, find_user_error
+
+EXIT_USER_ERROR = 2
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------- train
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from simpsons_ray.training import TrainConfig as C
+
+    p = sub.add_parser("train", help="fine-tune a ResNet on a Kaggle-layout folder with Ray Train")
+    p.add_argument("--data", required=True, help="training images, ROOT/<character>/*.jpg (local path or s3://)")
+    p.add_argument("--output", required=True, help="model artifact directory (local path or s3://); rerun to resume")
+    p.add_argument("--arch", default=C.arch, help="resnet18, resnet34, resnet50 or resnet101 (default %(default)s)")
+    p.add_argument("--weights", default=C.weights, help="imagenet, none, or a state dict PATH_OR_URI (default %(default)s)")
+    p.add_argument("--image-size", type=_positive_int, default=C.image_size, help="square input size (default %(default)s)")
+    p.add_argument("--num-workers", type=_positive_int, default=C.num_workers, help="Ray Train workers (default %(default)s)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, mixed precision")
+    p.add_argument("--batch-size", type=_positive_int, default=C.batch_size, help="images per worker per step (default %(default)s)")
+    p.add_argument("--frozen-epochs", type=int, default=C.frozen_epochs, help="phase 1: head only (default %(default)s)")
+    p.add_argument("--finetune-epochs", type=int, default=C.finetune_epochs, help="phase 2: head + --unfreeze stages (default %(default)s)")
+    p.add_argument("--lr", type=float, default=C.lr, help="phase 1 learning rate (default %(default)s)")
+    p.add_argument("--finetune-lr", type=float, default=C.finetune_lr, help="phase 2 learning rate (default %(default)s)")
+    p.add_argument("--unfreeze", type=_csv, default=list(C.unfreeze), help="stages trained in phase 2, e.g. layer3,layer4 (default layer4)")
+    p.add_argument("--val-fraction", type=_fraction, default=C.val_fraction, help="held-out share per class (default %(default)s)")
+    p.add_argument("--seed", type=int, default=C.seed, help="split and init seed (default %(default)s)")
+    p.add_argument("--min-images-per-class", type=int, default=C.min_images_per_class, help="drop rarer characters (default %(default)s)")
+    p.add_argument("--max-images-per-class", type=int, default=C.max_images_per_class, help="cap per character, for quick runs (default: no cap)")
+    p.add_argument("--patience", type=int, default=C.patience, help="early stop after this many epochs without val-loss gain (default %(default)s)")
+    p.add_argument("--lr-patience", type=int, default=C.lr_patience, help="divide LR by 10 after this many flat epochs (default %(default)s)")
+    p.add_argument("--max-failures", type=int, default=C.max_failures, help="worker failures to recover from (default %(default)s)")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from simpsons_ray.training import TrainConfig, train
+
+    config = TrainConfig(
+        data_uri=args.data,
+        output_uri=args.output,
+        arch=args.arch,
+        weights=args.weights,
+        image_size=args.image_size,
+        num_workers=args.num_workers,
+        use_gpu=args.gpu,
+        batch_size=args.batch_size,
+        frozen_epochs=args.frozen_epochs,
+        finetune_epochs=args.finetune_epochs,
+        lr=args.lr,
+        finetune_lr=args.finetune_lr,
+        unfreeze=tuple(args.unfreeze),
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        min_images_per_class=args.min_images_per_class,
+        max_images_per_class=args.max_images_per_class,
+        patience=args.patience,
+        lr_patience=args.lr_patience,
+        max_failures=args.max_failures,
+    )
+    train(config)
+    return 0
+
+
+# ------------------------------------------------------------------------ evaluate
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="accuracy, macro-F1 and confusion matrix of a model on a labelled set")
+    p.add_argument("--model", required=True, help="model artifact directory (local path or s3://)")
+    p.add_argument("--data", required=True, help="ROOT/<character>/*.jpg, or a flat folder of <character>_<N>.jpg")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON line of the metrics")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from simpsons_ray.evaluation import EvaluateConfig, evaluate_model
+
+    evaluate_model(EvaluateConfig(model_uri=args.model, data_uri=args.data, batch_size=args.batch_size, as_json=args.json))
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simpsons-ray",
+        description="Find which Simpsons characters are on screen: train on Ray Train, label on Ray Data, query Parquet.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; user mistakes end in one sentence and exit status 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("simpsons-ray: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is None:
+            raise
+        print(f"simpsons-ray {args.command}: error: {user_error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

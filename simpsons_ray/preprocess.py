@@ -1,0 +1,147 @@
+"""The one place that turns image bytes into model input, for training and labeling alike.
+
+Both jobs build their preprocessing from a :class:`PreprocessConfig`; the labeling
+job reads it from the model artifact's ``config.json`` (``from_model_config``), so
+the two can never drift apart.
+
+Pipeline: bytes -> :func:`decode_rgb` (any mode, bomb-checked) -> :func:`resize`
+(square ``image_size`` uint8 HWC) -> [:class:`TrainAugment`, training only] ->
+:func:`normalize` (float32 NCHW, mean/std).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+# torchvision's ImageNet statistics (the ones the IMAGENET1K weights were trained with).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# 8K UHD is 33 Mpx; anything past 64 Mpx in a frame dump is a decompression bomb,
+# and rejecting it by header keeps a worker from allocating gigabytes.
+MAX_PIXELS = 64_000_000
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything preprocessing needs; saved in the model artifact's config.json."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any]) -> "PreprocessConfig":
+        return cls(int(config["image_size"]), tuple(config["mean"]), tuple(config["std"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable image: empty, truncated, corrupt or a bomb."""
+
+
+def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode bytes into an RGB PIL image, whatever the mode (L, LA, P, RGBA, CMYK, I;16)."""
+    if not data:
+        raise ImageDecodeError("empty file")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated frame is an error, not grey pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size  # header only, nothing decoded yet
+            if width * height > max_pixels:
+                raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the {max_pixels:,}-pixel limit")
+            img.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
+        raise ImageDecodeError(f"cannot decode image: {exc}") from None
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels over white, as a viewer shows them, not over black.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode == "I;16" or img.mode == "I":
+        img = Image.fromarray((np.asarray(img, dtype=np.float32) / 256).clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def resize(img: Image.Image, image_size: int) -> np.ndarray:
+    """Squash to a square ``image_size`` (uint8 HWC). No crop: a character may stand at the edge."""
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_resized(data: bytes, image_size: int) -> np.ndarray:
+    """bytes -> uint8 HWC of ``image_size``; raises ImageDecodeError on bad bytes."""
+    return resize(decode_rgb(data), image_size)
+
+
+def normalize(images: np.ndarray | torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """uint8 NHWC (or a single HWC) -> float32 NCHW, scaled to [0, 1] then mean/std."""
+    batch = torch.as_tensor(images)
+    if batch.ndim == 3:
+        batch = batch.unsqueeze(0)
+    batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(config.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    return batch.sub_(mean).div_(std).contiguous()
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-only augmentation: the Keras ImageDataGenerator set the notebook used."""
+
+    rotation_deg: float = 15.0
+    shift: float = 0.1  # fraction of width/height
+    zoom: float = 0.1  # scale in [1 - zoom, 1 + zoom]
+    hflip: bool = True
+
+
+@dataclass
+class TrainAugment:
+    """Random rotation, shift, zoom and horizontal flip on one uint8 HWC image."""
+
+    config: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        from torchvision.transforms import v2
+
+        c = self.config
+        ops = [
+            v2.RandomAffine(
+                degrees=c.rotation_deg,
+                translate=(c.shift, c.shift),
+                scale=(1 - c.zoom, 1 + c.zoom),
+                interpolation=v2.InterpolationMode.BILINEAR,
+            )
+        ]
+        if c.hflip:
+            ops.append(v2.RandomHorizontalFlip())
+        self._transform = v2.Compose(ops)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return self._transform(chw).permute(1, 2, 0).numpy()
+
+    def batch(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        return np.stack([self(img) for img in images])

@@ -1,0 +1,206 @@
+"""Storage is a URI: local paths and ``s3://`` go through this one module.
+
+Everything else in the package calls these helpers and never looks at a URI's
+scheme itself. S3 is reached through pyarrow's S3 filesystem, which honours the
+standard AWS environment (``AWS_ENDPOINT_URL``, keys, ``AWS_DEFAULT_REGION``) and
+instance profiles, so no credentials ever travel in arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow.fs as pafs
+
+from simpsons_ray.errors import UserError
+
+# Transient S3 failures (a reclaimed node's endpoint, a throttled prefix, a server
+# that is briefly away) are retried with backoff; 12 standard-strategy attempts
+# span roughly 20 s, long enough to ride out a restart of the endpoint.
+S3_MAX_ATTEMPTS = 12
+
+
+@functools.lru_cache(maxsize=None)
+def _s3() -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        "connect_timeout": 5,
+        "request_timeout": 60,
+    }
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def is_remote(uri: str) -> bool:
+    """True when the URI names object storage rather than a local path."""
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Split a URI into a pyarrow filesystem and the path inside it."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        return _s3(), uri[len("s3://"):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise UserError(f"Unsupported storage scheme {scheme!r} in {uri!r}: use a local path or an s3:// URI.")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """The inverse of :func:`resolve`."""
+    if isinstance(fs, pafs.S3FileSystem):
+        return "s3://" + path
+    return path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path segments onto a URI with forward slashes (or os.sep locally)."""
+    if is_remote(uri):
+        return posixpath.join(str(uri).rstrip("/"), *parts)
+    return os.path.join(str(uri), *parts)
+
+
+def basename(uri: str) -> str:
+    """Last path segment of a URI."""
+    return posixpath.basename(str(uri).rstrip("/").replace(os.sep, "/"))
+
+
+def info(uri: str) -> pafs.FileInfo:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path)
+
+
+def exists(uri: str) -> bool:
+    return info(uri).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    return info(uri).type == pafs.FileType.Directory
+
+
+def is_file(uri: str) -> bool:
+    return info(uri).type == pafs.FileType.File
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file found under a listing root."""
+
+    uri: str
+    relpath: str  # path below the listed root, always with forward slashes
+    size: int
+
+
+def list_files(uri: str, recursive: bool = True) -> list[Entry]:
+    """Files below ``uri``, sorted by relative path; hidden files are skipped."""
+    fs, root = resolve(uri)
+    selector = pafs.FileSelector(root, recursive=recursive, allow_not_found=True)
+    entries = []
+    for item in fs.get_file_info(selector):
+        if item.type != pafs.FileType.File:
+            continue
+        rel = os.path.relpath(item.path, root).replace(os.sep, "/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        entries.append(Entry(to_uri(fs, item.path), rel, item.size or 0))
+    entries.sort(key=lambda e: e.relpath)
+    return entries
+
+
+def list_dir(uri: str) -> list[tuple[str, bool]]:
+    """Immediate children of ``uri`` as (name, is_directory), sorted by name."""
+    fs, root = resolve(uri)
+    children = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    out = [(posixpath.basename(c.path.replace(os.sep, "/")), c.type == pafs.FileType.Directory) for c in children]
+    return sorted(out)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def open_input(uri: str):
+    """A sequential read stream; archives are read through this, never whole."""
+    fs, path = resolve(uri)
+    return fs.open_input_stream(path)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically: readers see the old or the new, never half.
+
+    A single S3 PUT is already atomic; locally we write a sibling temp file and
+    rename it over the target.
+    """
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def delete(uri: str) -> None:
+    """Remove a file or a whole directory tree, if present."""
+    fs, path = resolve(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def check_writable(uri: str, what: str = "output") -> None:
+    """Fail fast, before any work, when ``uri`` can't take a file."""
+    probe = join(uri, f"_write_probe_{uuid.uuid4().hex}")
+    try:
+        makedirs(uri)
+        write_bytes(probe, b"")
+        delete(probe)
+    except (OSError, PermissionError) as exc:
+        raise UserError(f"Cannot write the {what} to {uri}: {_first_line(exc)}.") from None
+
+
+def iter_chunks(uri: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    with open_input(uri) as f:
+        while True:
+            chunk = f.read(chunk_size)
+            if not chunk:
+                return
+            yield chunk
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].rstrip(".") if text else type(exc).__name__
