@@ -108,7 +108,62 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate]
+# --------------------------------------------------------------------------- label
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _add_label(sub: argparse._SubParsersAction) -> None:
+    from simpsons_ray.labeling import LabelConfig as C
+
+    p = sub.add_parser("label", help="label every frame of episode dumps (folders or tar archives) into Parquet with Ray Data")
+    p.add_argument("--model", required=True, help="model artifact directory from `simpsons-ray train` (local path or s3://)")
+    p.add_argument("--frames", required=True, help="FRAMES/<episode>/*.jpg folders and/or FRAMES/<episode>.tar[.gz] archives")
+    p.add_argument("--output", required=True, help="labels dataset, OUTPUT/episode=<id>/*.parquet; rerun to resume")
+    p.add_argument("--fps", type=_positive_float, default=C.fps, help="frames per second, for timestamp_s = frame / fps (default: no timestamps)")
+    p.add_argument("--episodes", nargs="+", default=[], metavar="ID", help="label only these episode ids (space- or comma-separated)")
+    p.add_argument("--batch-size", type=_positive_int, default=C.batch_size, help="frames per forward pass (default %(default)s)")
+    p.add_argument("--num-workers", type=_positive_int, default=C.num_workers, help="predictor actors, one GPU each with --gpu (default %(default)s)")
+    p.add_argument("--gpu", action="store_true", help="run the model on GPUs (bf16 autocast, channels_last)")
+    p.add_argument("--min-confidence", type=_probability, default=C.min_confidence, help="label is null below this top-1 probability (default %(default)s)")
+    p.add_argument("--top-k", type=_positive_int, default=C.top_k, help="labels and scores kept per frame (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="relabel episodes that are already done")
+    p.set_defaults(run=_run_label)
+
+
+def _run_label(args: argparse.Namespace) -> int:
+    from simpsons_ray.labeling import LabelConfig, label
+
+    episodes = tuple(e for item in args.episodes for e in _csv(item))
+    label(
+        LabelConfig(
+            model_uri=args.model,
+            frames_uri=args.frames,
+            output_uri=args.output,
+            fps=args.fps,
+            episodes=episodes,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            use_gpu=args.gpu,
+            min_confidence=args.min_confidence,
+            top_k=args.top_k,
+            overwrite=args.overwrite,
+        )
+    )
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_label]
 
 
 def build_parser() -> argparse.ArgumentParser:

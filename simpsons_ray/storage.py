@@ -204,3 +204,17 @@ def iter_chunks(uri: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0].rstrip(".") if text else type(exc).__name__
+
+
+def move(src_uri: str, dst_uri: str) -> None:
+    """Move a file within one store: a rename locally, a server-side copy then delete on S3.
+
+    The destination appears whole or not at all (a local rename; a single S3 copy).
+    """
+    fs, src = resolve(src_uri)
+    _, dst = resolve(dst_uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        return
+    fs.move(src, dst)

@@ -1,0 +1,206 @@
+"""Frame dumps: episode folders and tar(.gz) streams -> frame rows.
+
+A frame dump (``--frames``) holds one entry per episode, in any mix::
+
+    FRAMES/<episode>/<name>.jpg|png        a folder of frames (subfolders allowed)
+    FRAMES/<episode>.tar|.tar.gz|.tgz      an archive of frames (subfolders allowed)
+
+The episode id is the folder name, or the archive name without its extension; the
+frame number is the last run of digits in the file name (``frame_000123.jpg`` ->
+123). Archives are read as a stream (``tarfile`` mode ``r|*``) straight from
+storage: never whole in memory, never extracted.
+
+Readers yield :class:`RawFrame` rows. A frame that cannot be read (missing, too
+big, no number in its name, a stray non-image file, a broken archive) is a row with
+``error`` set, so one bad member never stops an episode.
+"""
+
+from __future__ import annotations
+
+import gzip
+import posixpath
+import re
+import tarfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator, NamedTuple, Sequence
+
+from simpsons_ray import storage
+from simpsons_ray.errors import UserError
+from simpsons_ray.preprocess import is_image_name
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+FOLDER, ARCHIVE = "folder", "archive"
+
+# A video frame, even an 8K PNG, is a few tens of MB; a bigger member is not a frame,
+# and refusing it before reading keeps a worker from holding gigabytes.
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+
+# Object stores answer one GET in tens of milliseconds; a few reads in flight keep a
+# folder task busy decoding instead of waiting. Local disks need no help.
+REMOTE_READ_THREADS = 16
+
+_DIGITS = re.compile(r"\d+")
+
+
+class RawFrame(NamedTuple):
+    """One frame's bytes, or why there are none (``error`` set, ``data`` empty)."""
+
+    source: str  # file URI, or "<archive URI>#<member>"
+    frame: int  # -1 when unknown
+    data: bytes
+    error: str
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One episode of a frame dump: a folder or an archive."""
+
+    episode_id: str
+    uri: str
+    kind: str  # FOLDER or ARCHIVE
+
+
+def frame_number(name: str) -> int | None:
+    """The last run of digits in a file's base name, without extension; None if none."""
+    stem = posixpath.basename(name.replace("\\", "/"))
+    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+    runs = _DIGITS.findall(stem)
+    return int(runs[-1]) if runs else None
+
+
+def archive_episode_id(name: str) -> str | None:
+    """Episode id of an archive file name (``S01E01.tar.gz`` -> ``S01E01``), None if not an archive."""
+    lower = name.lower()
+    for suffix in ARCHIVE_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def list_episodes(frames_uri: str, episodes: Sequence[str] = ()) -> list[Episode]:
+    """Episodes under ``frames_uri`` (sorted by id), optionally only those named.
+
+    Raises UserError, before any work, for a missing path, a dump with no episodes,
+    an episode that is both a folder and an archive, or an unknown ``episodes`` id.
+    """
+    if not storage.exists(frames_uri):
+        raise UserError(f"--frames {frames_uri} does not exist: give the folder (local or s3://) that holds the episodes.")
+    if storage.is_file(frames_uri):
+        # A single archive is a dump of one episode.
+        episode_id = archive_episode_id(storage.basename(frames_uri))
+        if episode_id is None:
+            raise UserError(f"--frames {frames_uri} is a file but not a .tar/.tar.gz archive: give a folder of episodes or one archive.")
+        found = {episode_id: Episode(episode_id, frames_uri, ARCHIVE)}
+    else:
+        found: dict[str, Episode] = {}
+        for name, is_dir in storage.list_dir(frames_uri):
+            if name.startswith((".", "_")):
+                continue  # hidden files and metadata folders are not episodes
+            episode_id = name if is_dir else archive_episode_id(name)
+            if episode_id is None:
+                continue
+            if episode_id in found:
+                raise UserError(
+                    f"Episode {episode_id!r} appears twice under {frames_uri} (a folder and an archive, or two archives): keep one."
+                )
+            found[episode_id] = Episode(episode_id, storage.join(frames_uri, name), FOLDER if is_dir else ARCHIVE)
+    if not found:
+        raise UserError(
+            f"No episodes under --frames {frames_uri}: expected <episode>/ folders of frames or <episode>.tar / .tar.gz archives."
+        )
+    if episodes:
+        unknown = [e for e in episodes if e not in found]
+        if unknown:
+            raise UserError(
+                f"--episodes {', '.join(unknown)} not found under {frames_uri} (it has {_preview(sorted(found))}): check the ids."
+            )
+        found = {e: found[e] for e in episodes}
+    return [found[e] for e in sorted(found)]
+
+
+def list_folder_frames(episode: Episode) -> list[storage.Entry]:
+    """Files of a folder episode, sorted by path (hidden files left out)."""
+    return storage.list_files(episode.uri, recursive=True)
+
+
+def _check_name(name: str) -> tuple[int, str]:
+    """(frame number, "") for a usable frame name, else (-1, why it is skipped)."""
+    if not is_image_name(name):
+        return -1, "skipped: not an image file name"
+    number = frame_number(name)
+    if number is None:
+        return -1, "no frame number (digits) in the file name"
+    return number, ""
+
+
+def _read_entry(entry: storage.Entry) -> RawFrame:
+    number, why = _check_name(entry.relpath)
+    if why:
+        return RawFrame(entry.uri, number, b"", why)
+    if entry.size > MAX_FRAME_BYTES:
+        return RawFrame(entry.uri, number, b"", f"file of {entry.size:,} bytes exceeds the {MAX_FRAME_BYTES:,}-byte frame limit")
+    try:
+        return RawFrame(entry.uri, number, storage.read_bytes(entry.uri), "")
+    except OSError as exc:  # vanished since listing, no permission...
+        return RawFrame(entry.uri, number, b"", f"cannot read file: {_first_line(exc)}")
+
+
+def iter_folder_frames(entries: Iterable[storage.Entry], window: int = 256) -> Iterator[RawFrame]:
+    """Read the given folder files in order; remote reads overlap in a few threads."""
+    entries = list(entries)
+    if not entries:
+        return
+    threads = REMOTE_READ_THREADS if storage.is_remote(entries[0].uri) else 1
+    if threads == 1:
+        yield from map(_read_entry, entries)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        # Bounded lookahead: at most `window` files in memory ahead of the consumer.
+        for start in range(0, len(entries), window):
+            yield from pool.map(_read_entry, entries[start : start + window])
+
+
+# Errors that mean the archive's bytes are bad (not a tar, cut short, bad gzip);
+# anything else (e.g. storage unreachable after retries) fails the task so that a
+# rerun can redo the episode.
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def iter_archive_frames(archive_uri: str) -> Iterator[RawFrame]:
+    """Stream the members of a tar / tar.gz archive in order, never holding it whole."""
+    member_name = ""
+    try:
+        with storage.open_input(archive_uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue  # folders, links
+                if any(part.startswith(".") for part in member.name.split("/") if part not in ("", ".")):
+                    continue  # hidden files, macOS "._" resource forks
+                source = f"{archive_uri}#{member.name}"
+                number, why = _check_name(member.name)
+                if why:
+                    yield RawFrame(source, number, b"", why)
+                    continue
+                if member.size > MAX_FRAME_BYTES:
+                    yield RawFrame(source, number, b"", f"member of {member.size:,} bytes exceeds the {MAX_FRAME_BYTES:,}-byte frame limit")
+                    continue
+                member_name = member.name  # a read that fails now is this member's fault
+                handle = tar.extractfile(member)
+                data = handle.read() if handle is not None else b""
+                member_name = ""
+                yield RawFrame(source, number, data, "")
+    except _ARCHIVE_ERRORS as exc:
+        where = f"{archive_uri}#{member_name}" if member_name else archive_uri
+        yield RawFrame(where, -1, b"", f"unreadable archive: {_first_line(exc)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _preview(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

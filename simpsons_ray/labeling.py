@@ -1,0 +1,681 @@
+"""Label whole episodes: frame dumps -> Ray Data -> predictor actors -> Parquet, exactly once.
+
+Run it on one CPU, one GPU or a cluster with the same command::
+
+    simpsons-ray label --model model/ --frames frames/ --output labels/
+    simpsons-ray label --model s3://b/model --frames s3://b/frames --output s3://b/labels --gpu --num-workers 4 --batch-size 256
+    ray job submit --working-dir . -- python jobs/label.py --model ... --frames ... --output ... --gpu
+
+The pipeline (one Ray Dataset for all episodes still to do)::
+
+    read      one task per archive or per chunk of a folder: raw bytes, streamed   (frames.py)
+    decode    CPU tasks: decode, resize, normalise, as the model artifact says     (preprocess.py)
+    predict   an actor pool (one actor per GPU, or CPU actors); the model loads once per actor
+    write     the driver appends each episode's rows to a temporary Parquet file as they come
+
+Exactly once: an episode becomes visible when its finished file is moved into
+``OUTPUT/episode=<id>/`` and then marked done in ``OUTPUT/_progress/<id>.json``.
+A rerun skips marked episodes (no inference when all are done) and first removes
+whatever an interrupted run left of the others, so every frame ends up in exactly
+one row. Every read block carries its read task's id, and the task's last row
+says how many rows the task produced, so the driver knows when an episode is
+complete whatever order the blocks arrive in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simpsons_ray import frames as frames_lib
+from simpsons_ray import schema, storage
+from simpsons_ray.errors import UserError
+from simpsons_ray.model import read_artifact_config
+from simpsons_ray.preprocess import ImageDecodeError, PreprocessConfig, load_resized, normalize
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_DIR = "_progress"  # <id>.json: the episode is committed (and with which settings)
+TMP_DIR = "_tmp"  # files being written; anything here is from an unfinished run
+LABELS_FILE = "part-0.parquet"
+
+# A folder episode is read by tasks of this many files, so one long episode still
+# spreads over every CPU; an archive is one stream and so one task.
+FRAMES_PER_READ_TASK = 1024
+# Rows per block leaving a read task: ~16 MiB of normalised float32 images per
+# block keeps blocks well under Ray Data's 128 MiB target whatever the image size,
+# and few enough blocks that per-block overhead stays small.
+BLOCK_BYTES = 16 * 1024 * 1024
+MAX_ROWS_PER_BLOCK = 256
+# Rows per Parquet row group: a handful of row groups per 30,000-frame episode.
+ROW_GROUP_ROWS = 16384
+PROGRESS_EVERY_S = 10.0
+
+# Logical CPU reservations, which decide what Ray runs side by side. Reading is
+# mostly waiting on storage: a quarter CPU, so reads overlap with decoding.
+# Decoding is real CPU work: one CPU per task. A CPU predictor actor reserves half
+# a CPU (its forward pass still uses its share of the cores, in threads) so that
+# decode tasks run beside it even on a 2-CPU machine; the different reservation
+# also keeps Ray Data from fusing decoding into the actor, which would serialise it.
+READ_TASK_CPUS = 0.25
+DECODE_TASK_CPUS = 1.0
+CPU_PREDICTOR_CPUS = 0.5
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Everything one labeling run needs; the CLI builds it from its flags."""
+
+    model_uri: str
+    frames_uri: str
+    output_uri: str
+    fps: float | None = None  # timestamp_s = frame / fps; null without it
+    episodes: tuple[str, ...] = ()  # empty: every episode under frames_uri
+    batch_size: int = 64  # frames per forward pass
+    num_workers: int = 1  # predictor actors (one GPU each with use_gpu)
+    use_gpu: bool = False
+    min_confidence: float = 0.0  # label is null below this top-1 probability
+    top_k: int = 3
+    overwrite: bool = False  # relabel episodes already done
+    frames_per_read_task: int = FRAMES_PER_READ_TASK
+
+
+# ----------------------------------------------------------------------------- read
+@dataclass(frozen=True)
+class ReadSpec:
+    """One read task: a whole archive, or a chunk of a folder's files."""
+
+    task_id: int
+    episode_id: str
+    archive_uri: str | None = None
+    entries: tuple[storage.Entry, ...] = ()
+    empty_reason: str = ""  # the error row to emit when the task yields no frame
+
+
+READ_BLOCK_SCHEMA = pa.schema(
+    [
+        ("episode", pa.string()),
+        ("task", pa.int64()),
+        ("task_end", pa.int64()),  # on a task's last row: how many rows it produced; else 0
+        ("source", pa.string()),
+        ("frame", pa.int64()),
+        ("data", pa.binary()),
+        ("error", pa.string()),  # "" for a readable frame
+    ]
+)
+
+
+def plan_read_tasks(episodes: list[frames_lib.Episode], frames_per_task: int) -> list[ReadSpec]:
+    """Split episodes into read tasks: one per archive, one per chunk of a folder."""
+    specs: list[ReadSpec] = []
+    for episode in episodes:
+        if episode.kind == frames_lib.ARCHIVE:
+            specs.append(ReadSpec(len(specs), episode.episode_id, archive_uri=episode.uri, empty_reason="empty archive: no frames"))
+            continue
+        entries = frames_lib.list_folder_frames(episode)
+        if not entries:
+            specs.append(ReadSpec(len(specs), episode.episode_id, empty_reason="empty folder: no frames"))
+        for start in range(0, len(entries), frames_per_task):
+            specs.append(ReadSpec(len(specs), episode.episode_id, entries=tuple(entries[start : start + frames_per_task])))
+    return specs
+
+
+def rows_per_block(image_size: int) -> int:
+    """Rows per block so that a block of normalised images stays near BLOCK_BYTES."""
+    return int(max(8, min(MAX_ROWS_PER_BLOCK, BLOCK_BYTES // (3 * image_size * image_size * 4))))
+
+
+def read_frames(spec: ReadSpec, block_rows: int) -> Iterator[pa.Table]:
+    """Yield the task's frames as blocks of ``block_rows``; the last row carries the count."""
+    if spec.archive_uri is not None:
+        rows = frames_lib.iter_archive_frames(spec.archive_uri)
+        empty_source = spec.archive_uri
+    else:
+        rows = frames_lib.iter_folder_frames(spec.entries)
+        empty_source = spec.entries[0].uri if spec.entries else ""
+    total = 0
+    pending: list[frames_lib.RawFrame] = []
+    for row in rows:
+        pending.append(row)
+        # Hold one row back: the task's last row must go out in the last block.
+        if len(pending) > block_rows:
+            yield _block(spec, pending[:block_rows], 0)
+            total += block_rows
+            pending = pending[block_rows:]
+    if not pending and total == 0:
+        pending = [frames_lib.RawFrame(empty_source, -1, b"", spec.empty_reason or "no frames")]
+    total += len(pending)
+    yield _block(spec, pending, total)
+
+
+def _block(spec: ReadSpec, rows: list[frames_lib.RawFrame], task_end: int) -> pa.Table:
+    n = len(rows)
+    ends = [0] * n
+    ends[-1] = task_end
+    return pa.Table.from_arrays(
+        [
+            pa.array([spec.episode_id] * n, pa.string()),
+            pa.array([spec.task_id] * n, pa.int64()),
+            pa.array(ends, pa.int64()),
+            pa.array([r.source for r in rows], pa.string()),
+            pa.array([r.frame for r in rows], pa.int64()),
+            pa.array([r.data for r in rows], pa.binary()),
+            pa.array([r.error for r in rows], pa.string()),
+        ],
+        schema=READ_BLOCK_SCHEMA,
+    )
+
+
+def _frame_dump_datasource(specs: list[ReadSpec], block_rows: int):
+    """A Ray Data datasource with one read task per ReadSpec (built lazily: Ray is imported here)."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class FrameDumpDatasource(Datasource):
+        def get_name(self) -> str:
+            return "FrameDump"
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+            # One task per spec whatever `parallelism` asks: a tar stream can't be split,
+            # and folder chunks are already sized for it.
+            tasks = []
+            for spec in specs:
+                rows = len(spec.entries) if spec.archive_uri is None else None
+                meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=None)
+                tasks.append(ReadTask(lambda spec=spec: read_frames(spec, block_rows), meta, schema=READ_BLOCK_SCHEMA))
+            return tasks
+
+    return FrameDumpDatasource()
+
+
+# --------------------------------------------------------------------------- decode
+def decode_frames(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
+    """Raw bytes -> normalised float32 NCHW images; a frame that won't decode becomes an error."""
+    size = preprocess.image_size
+    errors = np.array(batch["error"], dtype=object)
+    pixels = np.zeros((len(errors), size, size, 3), dtype=np.uint8)
+    for i, data in enumerate(batch["data"]):
+        if errors[i]:
+            continue
+        try:
+            pixels[i] = load_resized(data, size)
+        except ImageDecodeError as exc:
+            errors[i] = str(exc)
+    out = {k: batch[k] for k in ("episode", "task", "task_end", "source", "frame")}
+    out["error"] = errors
+    out["image"] = normalize(pixels, preprocess).numpy()
+    return out
+
+
+# -------------------------------------------------------------------------- predict
+class FramePredictor:
+    """Scores batches of normalised images; the model loads once, in ``__init__``.
+
+    On CUDA it runs in bf16 autocast with channels_last tensors (the fast path of
+    Ampere and later); both can be asked for on CPU too, which is how they are tested.
+    """
+
+    def __init__(
+        self,
+        model_uri: str,
+        top_k: int,
+        device: str = "cpu",
+        mixed_precision: bool | None = None,
+        channels_last: bool | None = None,
+        cpu_threads: int | None = None,
+    ):
+        import torch
+
+        from simpsons_ray.model import load_artifact
+
+        self.device = torch.device(device)
+        on_cuda = self.device.type == "cuda"
+        self.mixed_precision = on_cuda if mixed_precision is None else mixed_precision
+        self.channels_last = on_cuda if channels_last is None else channels_last
+        if not on_cuda and cpu_threads:
+            # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); the forward
+            # pass is the heavy stage, so let it use the cores it has been given.
+            torch.set_num_threads(max(1, min(cpu_threads, os.cpu_count() or 1)))
+        artifact = load_artifact(model_uri, self.device)
+        self.model = artifact.model
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model_id = artifact.model_id
+        self.top_k = min(top_k, len(artifact.classes))
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 NCHW -> (top-k scores float32, top-k class indices int64), best first."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
+            logits = self.model(x)
+        probs = logits.float().softmax(dim=1)
+        scores, indices = probs.topk(self.top_k, dim=1)
+        return scores.cpu().numpy().astype(np.float32), indices.cpu().numpy().astype(np.int64)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        n = len(ok)
+        scores = np.zeros((n, self.top_k), dtype=np.float32)
+        indices = np.full((n, self.top_k), -1, dtype=np.int64)
+        if ok.any():
+            scores[ok], indices[ok] = self.predict(batch["image"][ok])
+        out = {k: batch[k] for k in ("episode", "task", "task_end", "source", "frame", "error")}
+        out["top_scores"] = scores
+        out["top_indices"] = indices
+        return out
+
+
+# ---------------------------------------------------------------------------- write
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where everything of a labels output lives (see schema.py for the layout)."""
+
+    output_uri: str
+
+    def episode_dir(self, episode_id: str) -> str:
+        return storage.join(self.output_uri, f"episode={episode_id}")
+
+    def labels_file(self, episode_id: str) -> str:
+        return storage.join(self.episode_dir(episode_id), LABELS_FILE)
+
+    def errors_file(self, episode_id: str) -> str:
+        return storage.join(self.output_uri, schema.ERRORS_DIR, f"{episode_id}.parquet")
+
+    def marker(self, episode_id: str) -> str:
+        return storage.join(self.output_uri, PROGRESS_DIR, f"{episode_id}.json")
+
+    def tmp_dir(self) -> str:
+        return storage.join(self.output_uri, TMP_DIR)
+
+    def tmp_run_dir(self, run_id: str) -> str:
+        return storage.join(self.tmp_dir(), run_id)
+
+    def run_summary(self, run_id: str) -> str:
+        return storage.join(self.output_uri, schema.RUNS_DIR, f"{run_id}.json")
+
+    def remove_episode(self, episode_id: str) -> None:
+        """Remove an episode's labels, errors and marker (marker first: never 'done' without rows)."""
+        storage.delete(self.marker(episode_id))
+        storage.delete(self.episode_dir(episode_id))
+        storage.delete(self.errors_file(episode_id))
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """What makes two runs' labels the same; stored in each episode's marker."""
+
+    model_id: str
+    top_k: int
+    min_confidence: float
+    fps: float | None
+
+    def differences(self, marker: dict[str, Any]) -> list[str]:
+        return [f"{k} {marker.get(k)!r} (now {v!r})" for k, v in asdict(self).items() if marker.get(k) != v]
+
+
+class EpisodeWriter:
+    """Appends one episode's rows to a temporary Parquet file, then commits it atomically."""
+
+    def __init__(self, layout: OutputLayout, run_id: str, episode: frames_lib.Episode, classes: list[str], settings: LabelSettings):
+        self.layout = layout
+        self.episode = episode
+        self.settings = settings
+        self.tmp_parent = layout.tmp_run_dir(run_id)
+        self.tmp_uri = storage.join(self.tmp_parent, f"episode={episode.episode_id}.parquet")
+        self._classes = np.array(classes, dtype=object)
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._sink = None
+        self.frames = 0
+        self.errors: list[tuple[str, str]] = []  # (source, error)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        errors = batch["error"]
+        ok = np.array([not e for e in errors], dtype=bool)
+        for i in np.flatnonzero(~ok):
+            self.errors.append((str(batch["source"][i]), str(errors[i])))
+        if ok.any():
+            table = self._label_rows({k: v[ok] for k, v in batch.items()})
+            self._pending.append(table)
+            self._pending_rows += table.num_rows
+            self.frames += table.num_rows
+            if self._pending_rows >= ROW_GROUP_ROWS:
+                self._flush()
+
+    def _label_rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        s = self.settings
+        n = len(batch["frame"])
+        k = batch["top_indices"].shape[1]
+        top_labels = self._classes[batch["top_indices"]]
+        scores = batch["top_scores"].astype(np.float32)
+        confidence = scores[:, 0]
+        labels = np.where(confidence >= s.min_confidence, top_labels[:, 0], None)
+        frame = batch["frame"].astype(np.int64)
+        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+        return pa.Table.from_arrays(
+            [
+                pa.array(frame, pa.int64()),
+                pa.array(frame / s.fps, pa.float64()) if s.fps else pa.nulls(n, pa.float64()),
+                pa.array(batch["source"].tolist(), pa.string()),
+                pa.array(labels.tolist(), pa.string()),
+                pa.array(confidence, pa.float32()),
+                pa.ListArray.from_arrays(offsets, pa.array(top_labels.reshape(-1).tolist(), pa.string())),
+                pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), pa.float32())),
+                pa.array([s.model_id] * n, pa.string()),
+            ],
+            schema=schema.LABELS_FILE_SCHEMA,
+        )
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            storage.makedirs(self.tmp_parent)
+            fs, path = storage.resolve(self.tmp_uri)
+            self._sink = fs.open_output_stream(path)
+            self._writer = pq.ParquetWriter(self._sink, schema.LABELS_FILE_SCHEMA, compression="zstd")
+        self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP_ROWS)
+        self._pending, self._pending_rows = [], 0
+
+    def commit(self, run_id: str) -> dict[str, Any]:
+        """Land the episode: errors, then labels, then the marker that says it is done."""
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+        eid = self.episode.episode_id
+        if self.errors:
+            table = pa.table(
+                {
+                    "episode": pa.array([eid] * len(self.errors), pa.string()),
+                    "source": pa.array([s for s, _ in self.errors], pa.string()),
+                    "error": pa.array([e for _, e in self.errors], pa.string()),
+                },
+                schema=schema.ERRORS_SCHEMA,
+            )
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd")
+            storage.write_bytes(self.layout.errors_file(eid), sink.getvalue().to_pybytes())
+        if self._writer is not None:
+            storage.move(self.tmp_uri, self.layout.labels_file(eid))
+        marker = {
+            "episode": eid,
+            "source": self.episode.uri,
+            **asdict(self.settings),
+            "frames": self.frames,
+            "errors": len(self.errors),
+            "run_id": run_id,
+            "committed_at": _now(),
+        }
+        storage.write_json(self.layout.marker(eid), marker)
+        return marker
+
+
+# ----------------------------------------------------------------------------- run
+@dataclass
+class _Progress:
+    """Counts for the progress lines and the summary."""
+
+    episodes_total: int
+    started: float = field(default_factory=time.monotonic)
+    frames: int = 0
+    errors: int = 0
+    episodes_done: int = 0
+    last_line: float = field(default_factory=time.monotonic)
+
+    def rate(self) -> float:
+        return self.frames / max(time.monotonic() - self.started, 1e-9)
+
+    def line(self) -> str:
+        return (
+            f"{self.episodes_done}/{self.episodes_total} episodes, {self.frames:,} frames labelled, "
+            f"{self.errors:,} errors, {self.rate():,.1f} frames/s"
+        )
+
+
+def label(config: LabelConfig) -> dict[str, Any]:
+    """Label every episode under ``config.frames_uri`` that is not done yet; returns the run summary."""
+    started_at, t0 = _now(), time.monotonic()
+    _validate(config)
+    model_config, classes = read_artifact_config(config.model_uri)  # UserError if not a model
+    preprocess = PreprocessConfig.from_model_config(model_config)
+    settings = LabelSettings(
+        model_id=_model_id(config.model_uri, model_config),
+        top_k=min(config.top_k, len(classes)),
+        min_confidence=float(config.min_confidence),
+        fps=float(config.fps) if config.fps else None,
+    )
+    episodes = frames_lib.list_episodes(config.frames_uri, config.episodes)
+    storage.check_writable(config.output_uri, "labels output")
+    layout = OutputLayout(config.output_uri)
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+    todo, skipped = _split_done(layout, episodes, settings, config.overwrite)
+    logger.info(
+        "label: %d episode(s) under %s, %d already labelled by %s, %d to do",
+        len(episodes), config.frames_uri, len(skipped), settings.model_id, len(todo),
+    )
+    # Anything an interrupted run left behind: temp files, and rows or errors of
+    # episodes it never marked done. Removed before any new row is written.
+    storage.delete(layout.tmp_dir())
+    for episode in todo:
+        layout.remove_episode(episode.episode_id)
+
+    progress = _Progress(len(todo))
+    empty: list[str] = []
+    if todo:
+        empty = _run_pipeline(config, layout, run_id, todo, classes, preprocess, settings, progress)
+        storage.delete(layout.tmp_run_dir(run_id))
+
+    wall = time.monotonic() - t0
+    summary = {
+        "run_id": run_id,
+        "model_id": settings.model_id,
+        "frames_labelled": progress.frames,
+        "errors": progress.errors,
+        "episodes": len(episodes),
+        "episodes_labelled": progress.episodes_done,
+        "episodes_skipped": len(skipped),
+        "empty_episodes": empty,
+        "wall_time_s": round(wall, 3),
+        "frames_per_s": round(progress.frames / wall, 2) if wall > 0 else 0.0,
+        "started_at": started_at,
+        "finished_at": _now(),
+        "output": config.output_uri,
+        "config": asdict(config),
+    }
+    storage.write_json(layout.run_summary(run_id), summary)
+    logger.info(
+        "label: done in %.1f s: %d frames labelled (%.1f frames/s), %d errors, %d episodes labelled, %d skipped as done; "
+        "model %s; labels in %s, summary in %s",
+        wall, progress.frames, summary["frames_per_s"], progress.errors, progress.episodes_done, len(skipped),
+        settings.model_id, config.output_uri, layout.run_summary(run_id),
+    )
+    if empty:
+        logger.info("label: no frames in episode(s) %s (see %s)", ", ".join(empty), storage.join(config.output_uri, schema.ERRORS_DIR))
+    return summary
+
+
+def _validate(config: LabelConfig) -> None:
+    if config.batch_size <= 0 or config.num_workers <= 0 or config.top_k <= 0 or config.frames_per_read_task <= 0:
+        raise UserError("--batch-size, --num-workers and --top-k must be positive integers.")
+    if not 0.0 <= config.min_confidence <= 1.0:
+        raise UserError(f"--min-confidence {config.min_confidence} is not a probability: give a value between 0 and 1.")
+    if config.fps is not None and config.fps <= 0:
+        raise UserError(f"--fps {config.fps} must be a positive number of frames per second.")
+
+
+def _model_id(model_uri: str, model_config: dict[str, Any]) -> str:
+    """The artifact's id of its weights; hashed from model.pt when an older config lacks it."""
+    if model_config.get("model_id"):
+        return str(model_config["model_id"])
+    from simpsons_ray.model import WEIGHTS_FILE, weights_id
+
+    return weights_id(storage.read_bytes(storage.join(model_uri, WEIGHTS_FILE)), model_config["arch"])
+
+
+def _split_done(
+    layout: OutputLayout, episodes: list[frames_lib.Episode], settings: LabelSettings, overwrite: bool
+) -> tuple[list[frames_lib.Episode], list[frames_lib.Episode]]:
+    """(episodes to label, episodes already labelled with these settings)."""
+    todo, done, clashes = [], [], []
+    for episode in episodes:
+        marker_uri = layout.marker(episode.episode_id)
+        if overwrite or not storage.exists(marker_uri):
+            todo.append(episode)
+            continue
+        diff = settings.differences(storage.read_json(marker_uri))
+        if diff:
+            clashes.append(f"{episode.episode_id} ({', '.join(diff)})")
+        else:
+            done.append(episode)
+    if clashes:
+        raise UserError(
+            f"{layout.output_uri} already holds labels made with other settings for episode(s) {'; '.join(clashes[:3])}"
+            f"{' and more' if len(clashes) > 3 else ''}: pass --overwrite to relabel them, or choose another --output."
+        )
+    return todo, done
+
+
+def _run_pipeline(
+    config: LabelConfig,
+    layout: OutputLayout,
+    run_id: str,
+    todo: list[frames_lib.Episode],
+    classes: list[str],
+    preprocess: PreprocessConfig,
+    settings: LabelSettings,
+    progress: _Progress,
+) -> list[str]:
+    """Stream every frame of ``todo`` through the model; commit each episode as it completes."""
+    import ray
+
+    _ensure_ray()
+    if config.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise UserError("--gpu was given but the Ray cluster has no GPU: start it on GPU nodes, or drop --gpu to label on CPUs.")
+
+    specs = plan_read_tasks(todo, config.frames_per_read_task)
+    by_id = {e.episode_id: e for e in todo}
+    tasks_of: dict[str, set[int]] = defaultdict(set)
+    episode_of: dict[int, str] = {}
+    for spec in specs:
+        tasks_of[spec.episode_id].add(spec.task_id)
+        episode_of[spec.task_id] = spec.episode_id
+    received: Counter[int] = Counter()
+    expected: dict[int, int] = {}
+    writers: dict[str, EpisodeWriter] = {}
+    empty: list[str] = []
+
+    with _data_context():
+        dataset = _build_dataset(config, specs, preprocess)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            episode_ids = batch["episode"]
+            for eid in np.unique(episode_ids):
+                writer = writers.get(eid)
+                if writer is None:
+                    writer = writers[eid] = EpisodeWriter(layout, run_id, by_id[eid], classes, settings)
+                writer.add({k: v[episode_ids == eid] for k, v in batch.items()})
+            tasks, counts = np.unique(batch["task"], return_counts=True)
+            received.update(dict(zip(tasks.tolist(), counts.tolist())))
+            ends = batch["task_end"] > 0
+            expected.update(zip(batch["task"][ends].tolist(), batch["task_end"][ends].tolist()))
+            for task in tasks.tolist():
+                if expected.get(task) != received[task]:
+                    continue
+                eid = episode_of[task]
+                tasks_of[eid].discard(task)
+                if not tasks_of[eid]:
+                    del tasks_of[eid]
+                    writer = writers.pop(eid)
+                    marker = writer.commit(run_id)
+                    progress.frames += marker["frames"]
+                    progress.errors += marker["errors"]
+                    progress.episodes_done += 1
+                    if marker["frames"] == 0:
+                        empty.append(eid)
+                    logger.info("label: episode %s committed: %d frames, %d errors (%s)", eid, marker["frames"], marker["errors"], progress.line())
+            if time.monotonic() - progress.last_line > PROGRESS_EVERY_S:
+                progress.last_line = time.monotonic()
+                in_flight = sum(w.frames for w in writers.values())
+                logger.info("label: %s; %d frames in episodes under way", progress.line(), in_flight)
+    if tasks_of:
+        # Every read task reports its row count, so this means rows went missing.
+        raise RuntimeError(f"labeling ended with episodes incomplete: {sorted(tasks_of)}")
+    return sorted(empty)
+
+
+def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: PreprocessConfig):
+    """read -> decode (CPU tasks) -> predict (actor pool); the few Ray Data lines in one place."""
+    import ray
+
+    block_rows = rows_per_block(preprocess.image_size)
+    dataset = ray.data.read_datasource(_frame_dump_datasource(specs, block_rows), num_cpus=READ_TASK_CPUS)
+    dataset = dataset.map_batches(
+        decode_frames, fn_kwargs={"preprocess": preprocess}, batch_size=None, batch_format="numpy", num_cpus=DECODE_TASK_CPUS
+    )
+    if config.use_gpu:
+        predictor_args: dict[str, Any] = {"device": "cuda"}
+        resources: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
+    else:
+        # Each CPU actor may use its share of the cluster's cores for the forward pass.
+        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
+        predictor_args = {"device": "cpu", "cpu_threads": threads}
+        resources = {"num_cpus": CPU_PREDICTOR_CPUS}
+    return dataset.map_batches(
+        FramePredictor,
+        fn_constructor_kwargs={"model_uri": config.model_uri, "top_k": config.top_k, **predictor_args},
+        compute=ray.data.ActorPoolStrategy(size=config.num_workers),
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        **resources,
+    )
+
+
+def _ensure_ray() -> None:
+    """Join the Ray cluster of this job (RAY_ADDRESS, `ray job submit`), or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+
+
+@contextlib.contextmanager
+def _data_context() -> Iterator[None]:
+    """Our progress lines replace Ray Data's bars; the previous settings come back after."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start)
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2, default=str)
