@@ -108,6 +108,45 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- query
+def _add_query(sub: argparse._SubParsersAction) -> None:
+    from simpsons_ray import query as q
+
+    p = sub.add_parser("query", help="screen time, a character's frames, on-screen segments or a summary of labels")
+    p.add_argument("question", choices=q.QUESTIONS, help="what to ask of the labels")
+    p.add_argument("--labels", required=True, help="labels output of `simpsons-ray label` (local path or s3://)")
+    p.add_argument("--min-confidence", type=float, default=q.DEFAULT_MIN_CONFIDENCE, help="count a label only at this confidence or more (default %(default)s)")
+    p.add_argument("--episode", nargs="+", action="extend", default=[], metavar="ID", help="only these episodes (repeatable)")
+    p.add_argument("--character", help="the character (frames: required; screen-time, segments: only this one)")
+    p.add_argument("--format", choices=q.FORMATS, help="table, csv, json or parquet (default: from --output's extension, else table)")
+    p.add_argument("--output", help="write the answer to this file or s3:// URI instead of the terminal")
+    p.add_argument("--plot", help="screen-time: stacked bar chart per episode; segments: timeline (PNG)")
+    p.add_argument("--contact-sheet", help="frames: grid of the best --limit frames' thumbnails (JPEG)")
+    p.add_argument("--max-gap-s", type=float, default=q.DEFAULT_MAX_GAP_S, help="segments: join appearances this close (default %(default)s)")
+    p.add_argument("--limit", type=_positive_int, help="at most N rows (frames: the best N)")
+    p.set_defaults(run=_run_query)
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    from simpsons_ray.query import QueryConfig, run_query
+
+    config = QueryConfig(
+        question=args.question,
+        labels_uri=args.labels,
+        min_confidence=args.min_confidence,
+        episodes=tuple(args.episode),
+        character=args.character,
+        format=args.format,
+        output_uri=args.output,
+        plot_uri=args.plot,
+        contact_sheet_uri=args.contact_sheet,
+        max_gap_s=args.max_gap_s,
+        limit=args.limit,
+    )
+    run_query(config)
+    return 0
+
+
 # --------------------------------------------------------------------------- label
 def _positive_float(text: str) -> float:
     value = float(text)
@@ -163,7 +202,7 @@ def _run_label(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_label]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_label, _add_query]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,615 @@
+"""Questions asked of a labels dataset: screen time, a character's frames, segments, summary.
+
+Every function takes the URI of a labels output (local path or ``s3://``) in the
+layout of :mod:`simpsons_ray.schema` and returns a pandas DataFrame::
+
+    from simpsons_ray import query
+    query.screen_time("out/labels", min_confidence=0.6)
+    query.frames("out/labels", "ned_flanders", episodes=["s01e01"], limit=20)
+    query.segments("out/labels", character="krusty_the_clown", max_gap_s=1.0)
+    query.summary("out/labels")
+
+What "labelled" means: a row counts as a frame of character C when its ``label``
+is C (the labeling job already left ``label`` null below its own threshold) and
+its ``confidence`` is at least ``min_confidence``. A row with a null label or a
+null confidence is never labelled.
+
+Time: each frame stands for its episode's sampling interval, the median gap
+between the episode's consecutive distinct timestamps (all rows, labelled or
+not). A dump that keeps one frame in five at 24 fps therefore gives 5/24 s per
+frame, and seconds are true seconds. An episode without timestamps (labelled
+without ``--fps``) has null seconds.
+
+How it stays fast on big outputs: the dataset is opened once (a listing, no file
+is read), the episodes asked for select their partitions' files before anything
+is opened, only the columns a question needs are read, filters are pushed into
+the Parquet scan, and the work runs one episode at a time on a small thread pool,
+so the peak memory is a few episodes' worth of a few columns, never the table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import logging
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence, TextIO, TypeVar
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from simpsons_ray import schema, storage
+from simpsons_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_CONFIDENCE = 0.0  # keep every label the labeling job wrote
+# One second bridges a character lost for a few frames (a turned head, a blur)
+# without joining two separate scenes.
+DEFAULT_MAX_GAP_S = 1.0
+DEFAULT_CONTACT_SHEET_FRAMES = 24
+# Episodes read at once. pyarrow releases the GIL while it reads and decodes, and on
+# S3 the threads mostly wait on the network; peak memory grows with this number.
+READ_THREADS = min(8, 2 * (os.cpu_count() or 1))
+# Timestamps come from frame / fps in floating point; gaps within this of the
+# sampling interval are the same gap.
+_TIME_EPSILON_S = 1e-6
+
+QUESTIONS = ("screen-time", "frames", "segments", "summary")
+FORMATS = ("table", "csv", "json", "parquet")
+
+SCREEN_TIME_COLUMNS = ["episode", "character", "frames", "seconds", "share"]
+FRAMES_COLUMNS = ["episode", "frame", "timestamp_s", "confidence", "source"]
+SEGMENTS_COLUMNS = ["episode", "character", "start_s", "end_s", "duration_s", "frames", "first_frame", "last_frame"]
+SUMMARY_COLUMNS = ["episode", "frames", "labelled_frames", "error_rows", "mean_confidence", "model_ids"]
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------ opening a dataset
+@dataclass(frozen=True)
+class LabelsDataset:
+    """A labels output opened for querying: its files grouped by episode, none read yet."""
+
+    uri: str
+    dataset: pads.FileSystemDataset
+    fragments: dict[str, list[pads.ParquetFileFragment]] = field(repr=False)
+
+    @property
+    def episodes(self) -> list[str]:
+        return sorted(self.fragments)
+
+
+def open_labels(labels_uri: str, allow_empty: bool = False) -> LabelsDataset:
+    """List a labels output (no file is opened) and group its Parquet files by episode."""
+    labels_uri = str(labels_uri)
+    if not storage.exists(labels_uri):
+        raise UserError(f"No labels at {labels_uri}: the path does not exist; pass the --output of `simpsons-ray label`.")
+    if storage.is_file(labels_uri):
+        raise UserError(
+            f"{labels_uri} is a file, not a labels output: pass the folder that holds the episode=<id> folders."
+        )
+    try:
+        dataset = schema.labels_dataset(labels_uri)
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"Cannot list the labels at {labels_uri}: {_first_line(exc)}.") from None
+    fragments: dict[str, list[pads.ParquetFileFragment]] = {}
+    for fragment in dataset.get_fragments():
+        episode = pads.get_partition_keys(fragment.partition_expression).get("episode")
+        if episode is None:
+            raise UserError(
+                f"{labels_uri} is not a labels output: {fragment.path} is not inside an episode=<id> folder; "
+                "pass the folder that holds the episode=<id> folders."
+            )
+        fragments.setdefault(episode, []).append(fragment)
+    if not fragments and not allow_empty:
+        raise UserError(
+            f"No labels at {labels_uri}: it holds no episode=<id>/*.parquet files; "
+            "pass the --output of `simpsons-ray label`."
+        )
+    return LabelsDataset(labels_uri, dataset, fragments)
+
+
+def _as_labels(labels: str | LabelsDataset, allow_empty: bool = False) -> LabelsDataset:
+    return labels if isinstance(labels, LabelsDataset) else open_labels(labels, allow_empty=allow_empty)
+
+
+def _select_episodes(labels: LabelsDataset, episodes: Iterable[str] | None) -> list[str]:
+    """The episodes to read, in order; unknown ones are a user error with suggestions."""
+    if episodes is None:
+        return labels.episodes
+    wanted = list(dict.fromkeys(str(e) for e in episodes))
+    missing = [e for e in wanted if e not in labels.fragments]
+    if missing:
+        raise UserError(
+            f"No episode {missing[0]!r} in the labels at {labels.uri}"
+            f"{_suggestions(missing[0], labels.episodes)}; list them with `simpsons-ray query summary`."
+        )
+    return sorted(wanted)
+
+
+# Type families a column may have and still be read as the schema's type: a dataset
+# written by another tool (Spark, DuckDB, pandas) may use int32 frames or large strings.
+def _family(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        return _family(t.value_type)
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "floating"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+        return "list<" + _family(t.value_type) + ">"
+    if pa.types.is_null(t):
+        return "null"  # an all-null column written by a tool that could not infer a type
+    return str(t)
+
+
+def _check_fragment(labels: LabelsDataset, fragment: pads.ParquetFileFragment, columns: Sequence[str]) -> None:
+    """Reject a file that lacks a needed column or has it with an unrelated type.
+
+    pyarrow would silently read a missing column as nulls (the dataset has a fixed
+    schema), so a wrong dataset must be caught here, by its footer.
+    """
+    try:
+        physical = fragment.physical_schema
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"Cannot read {fragment.path} in the labels at {labels.uri}: {_first_line(exc)}.") from None
+    for name in columns:
+        if name == "episode":
+            continue
+        expected = schema.LABELS_FILE_SCHEMA.field(name).type
+        index = physical.get_field_index(name)
+        if index < 0:
+            raise UserError(
+                f"{labels.uri} is not a labels dataset: {fragment.path} has no column {name!r} "
+                f"(a labels file has {', '.join(schema.LABELS_FILE_SCHEMA.names)})."
+            )
+        actual = physical.field(index).type
+        if _family(actual) not in (_family(expected), "null"):
+            raise UserError(
+                f"{labels.uri} is not a labels dataset: column {name!r} of {fragment.path} is {actual}, "
+                f"where the labels schema has {expected}."
+            )
+
+
+def _read_episode(
+    labels: LabelsDataset, episode: str, columns: Sequence[str], filter: pc.Expression | None = None
+) -> pa.Table:
+    """The given columns of one episode's rows (every file of its partition), filter applied in the scan."""
+    tables = []
+    for fragment in labels.fragments[episode]:
+        _check_fragment(labels, fragment, columns)
+        try:
+            tables.append(fragment.to_table(schema=labels.dataset.schema, columns=list(columns), filter=filter))
+        except (OSError, pa.ArrowException) as exc:
+            raise UserError(f"Cannot read {fragment.path} in the labels at {labels.uri}: {_first_line(exc)}.") from None
+    if not tables:
+        return schema.LABELS_SCHEMA.empty_table().select(list(columns))
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _map_episodes(episodes: Sequence[str], work: Callable[[str], T]) -> list[T]:
+    """``work(episode)`` for each episode on the read pool, results in episode order."""
+    if len(episodes) <= 1:
+        return [work(e) for e in episodes]
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(episodes))) as pool:
+        return list(pool.map(work, episodes))
+
+
+# ----------------------------------------------------------------------- helpers
+def _check_min_confidence(min_confidence: float) -> float:
+    value = float(min_confidence)
+    if not 0.0 <= value <= 1.0 or math.isnan(value):
+        raise UserError(f"--min-confidence must be between 0 and 1, got {min_confidence}.")
+    return value
+
+
+def _labelled(min_confidence: float, character: str | None = None) -> pc.Expression:
+    """The row filter that defines a labelled frame (see the module docstring)."""
+    expr = pc.field("label").is_valid() & (pc.field("confidence") >= pc.scalar(min_confidence))
+    if character is not None:
+        expr = expr & (pc.field("label") == pc.scalar(character))
+    return expr
+
+
+def _labelled_mask(table: pa.Table, min_confidence: float) -> pa.ChunkedArray:
+    mask = pc.and_kleene(pc.is_valid(table["label"]), pc.greater_equal(table["confidence"], min_confidence))
+    return pc.fill_null(mask, False)
+
+
+def _sampling_interval(timestamps: pa.ChunkedArray) -> float | None:
+    """Median gap between consecutive distinct timestamps; None without two of them."""
+    values = pc.drop_null(timestamps).to_numpy().astype(np.float64)
+    values = np.unique(values[~np.isnan(values)])
+    if len(values) < 2:
+        return None
+    return float(np.median(np.diff(values)))
+
+
+def _frame_step(frames: np.ndarray) -> float:
+    """Median gap between consecutive distinct frame numbers (1 for a full dump)."""
+    values = np.unique(frames)
+    return float(np.median(np.diff(values))) if len(values) >= 2 else 1.0
+
+
+def _suggestions(name: str, known: Iterable[str]) -> str:
+    known = sorted(set(known))
+    lowered = name.lower()
+    close = [k for k in known if lowered and lowered in k.lower()]
+    close += [k for k in difflib.get_close_matches(name, known, n=5, cutoff=0.5) if k not in close]
+    if close:
+        return "; closest known names: " + ", ".join(close[:5])
+    if known:
+        return "; known names include " + ", ".join(known[:5])
+    return ""
+
+
+def known_characters(labels: str | LabelsDataset, episodes: Iterable[str] | None = None) -> list[str]:
+    """Every distinct ``label`` in the dataset (or in the given episodes), sorted."""
+    labels = _as_labels(labels)
+    selected = _select_episodes(labels, episodes)
+    names: set[str] = set()
+    for part in _map_episodes(selected, lambda e: pc.unique(_read_episode(labels, e, ["label"])["label"])):
+        names.update(v for v in part.to_pylist() if v is not None)
+    return sorted(names)
+
+
+def _check_character(labels: LabelsDataset, character: str) -> None:
+    known = known_characters(labels)
+    if character not in known:
+        raise UserError(f"No character {character!r} in the labels at {labels.uri}{_suggestions(character, known)}.")
+
+
+# ----------------------------------------------------------------------- queries
+def screen_time(
+    labels: str | LabelsDataset,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    episodes: Iterable[str] | None = None,
+    character: str | None = None,
+) -> pd.DataFrame:
+    """Per episode and character: ``frames``, ``seconds`` and ``share`` of the episode's labelled frames.
+
+    ``seconds`` is frames x the episode's sampling interval (null without
+    timestamps). ``share`` is relative to all labelled frames of the episode,
+    also when ``character`` keeps only one character's rows.
+    """
+    labels = _as_labels(labels)
+    min_confidence = _check_min_confidence(min_confidence)
+    selected = _select_episodes(labels, episodes)
+
+    def one_episode(episode: str) -> pd.DataFrame:
+        table = _read_episode(labels, episode, ["timestamp_s", "label", "confidence"])
+        interval = _sampling_interval(table["timestamp_s"])
+        counts = table.filter(_labelled_mask(table, min_confidence)).group_by("label").aggregate([([], "count_all")])
+        result = pd.DataFrame(
+            {
+                "episode": episode,
+                "character": counts["label"].to_pylist(),
+                "frames": counts["count_all"].to_numpy().astype(np.int64),
+            }
+        )
+        result["seconds"] = result["frames"] * interval if interval is not None else np.nan
+        total = result["frames"].sum()
+        result["share"] = result["frames"] / total if total else np.nan
+        return result
+
+    parts = [p for p in _map_episodes(selected, one_episode) if len(p)]
+    result = _concat(parts, SCREEN_TIME_COLUMNS, {"frames": "int64", "seconds": "float64", "share": "float64"})
+    if character is not None:
+        result = result[result["character"] == character]
+        if result.empty:
+            _check_character(labels, character)
+    result = result.sort_values(["episode", "frames", "character"], ascending=[True, False, True], kind="stable")
+    return result.reset_index(drop=True)
+
+
+def frames(
+    labels: str | LabelsDataset,
+    character: str,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    episodes: Iterable[str] | None = None,
+    limit: int | None = None,
+) -> pd.DataFrame:
+    """That character's frames: episode, frame, timestamp_s, confidence, source; best first.
+
+    Ties in confidence keep episode and frame order. ``limit`` keeps the best N,
+    selected per episode before the results meet, so a small N stays small.
+    """
+    labels = _as_labels(labels)
+    min_confidence = _check_min_confidence(min_confidence)
+    selected = _select_episodes(labels, episodes)
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit must be a positive number of rows, got {limit}.")
+    row_filter = _labelled(min_confidence, character)
+    sort_keys = [("confidence", "descending"), ("episode", "ascending"), ("frame", "ascending")]
+
+    def one_episode(episode: str) -> pa.Table:
+        table = _read_episode(labels, episode, FRAMES_COLUMNS[1:], row_filter)
+        table = table.add_column(0, "episode", pa.repeat(pa.scalar(episode, pa.string()), table.num_rows))
+        if limit is not None and table.num_rows > limit:
+            table = table.take(pc.sort_indices(table, sort_keys=sort_keys)[:limit])
+        return table
+
+    tables = _map_episodes(selected, one_episode)
+    table = pa.concat_tables(tables) if tables else pa.schema([schema.LABELS_SCHEMA.field(c) for c in FRAMES_COLUMNS]).empty_table()
+    table = table.take(pc.sort_indices(table, sort_keys=sort_keys))
+    if limit is not None:
+        table = table.slice(0, limit)
+    if table.num_rows == 0:
+        _check_character(labels, character)
+    return table.to_pandas().reset_index(drop=True)
+
+
+def segments(
+    labels: str | LabelsDataset,
+    character: str | None = None,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    max_gap_s: float = DEFAULT_MAX_GAP_S,
+    episodes: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """Continuous on-screen intervals per episode and character.
+
+    Each labelled frame covers ``[t, t + interval)``, where ``interval`` is the
+    episode's sampling interval; a segment runs from its first frame's start to
+    its last frame's end, so ``duration_s = end_s - start_s`` counts the last
+    frame's interval too, and one frame alone lasts one interval. Two frames of a
+    character join when the time neither covers, ``t2 - (t1 + interval)``, is at
+    most ``max_gap_s``. Without timestamps the times are null and only frames that
+    are adjacent in the dump join. ``frames`` counts the labelled frames inside.
+    """
+    labels = _as_labels(labels)
+    min_confidence = _check_min_confidence(min_confidence)
+    if max_gap_s < 0 or math.isnan(max_gap_s):
+        raise UserError(f"--max-gap-s must be zero or more seconds, got {max_gap_s}.")
+    selected = _select_episodes(labels, episodes)
+
+    def one_episode(episode: str) -> pd.DataFrame:
+        table = _read_episode(labels, episode, ["frame", "timestamp_s", "label", "confidence"])
+        interval = _sampling_interval(table["timestamp_s"])
+        frame_all = table["frame"].to_numpy(zero_copy_only=False).astype(np.float64)
+        mask = _labelled_mask(table, min_confidence)
+        if character is not None:
+            mask = pc.and_(mask, pc.fill_null(pc.equal(table["label"], character), False))
+        table = table.filter(mask)
+        if interval is not None:
+            table = table.filter(pc.is_valid(table["timestamp_s"]))
+            position = table["timestamp_s"].to_numpy(zero_copy_only=False).astype(np.float64)
+            step, allowed_gap = interval, max_gap_s
+        else:
+            position = table["frame"].to_numpy(zero_copy_only=False).astype(np.float64)
+            step, allowed_gap = _frame_step(frame_all), 0.0
+        return _segments_of(episode, table, position, step, allowed_gap, timed=interval is not None)
+
+    parts = [p for p in _map_episodes(selected, one_episode) if len(p)]
+    result = _concat(
+        parts,
+        SEGMENTS_COLUMNS,
+        {"start_s": "float64", "end_s": "float64", "duration_s": "float64", "frames": "int64", "first_frame": "int64", "last_frame": "int64"},
+    )
+    if character is not None and result.empty:
+        _check_character(labels, character)
+    return result
+
+
+def _segments_of(
+    episode: str, table: pa.Table, position: np.ndarray, step: float, allowed_gap: float, timed: bool
+) -> pd.DataFrame:
+    """Runs of one episode's labelled rows: same character, gaps within ``allowed_gap``."""
+    if table.num_rows == 0:
+        return pd.DataFrame(columns=SEGMENTS_COLUMNS)
+    encoded = pc.dictionary_encode(table["label"]).combine_chunks()
+    codes = encoded.indices.to_numpy().astype(np.int64)
+    names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
+    frame = table["frame"].to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((frame, position, codes))
+    codes, position, frame = codes[order], position[order], frame[order]
+    # The time between the end of one frame's interval and the start of the next.
+    uncovered = np.diff(position) - step
+    tolerance = _TIME_EPSILON_S if timed else 1e-9
+    starts = np.concatenate(([True], (np.diff(codes) != 0) | (uncovered > allowed_gap + tolerance)))
+    segment_id = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    last = np.concatenate((first[1:] - 1, [len(codes) - 1]))
+    start = position[first]
+    end = position[last] + step
+    result = pd.DataFrame(
+        {
+            "episode": episode,
+            "character": names[codes[first]],
+            "start_s": start if timed else np.nan,
+            "end_s": end if timed else np.nan,
+            "duration_s": (end - start) if timed else np.nan,
+            "frames": np.bincount(segment_id).astype(np.int64),
+            "first_frame": frame[first],
+            "last_frame": frame[last],
+        }
+    )
+    sort = ["start_s", "character"] if timed else ["first_frame", "character"]
+    return result.sort_values(sort, kind="stable")
+
+
+def summary(
+    labels: str | LabelsDataset,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    episodes: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """Per episode: frames (rows), labelled frames, error rows, mean confidence and model ids.
+
+    ``mean_confidence`` is the mean top-1 confidence over all the episode's rows,
+    labelled or not; ``model_ids`` lists the distinct model ids, comma-separated.
+    Episodes whose every frame failed appear with their error rows and 0 frames.
+    """
+    labels = _as_labels(labels, allow_empty=True)
+    min_confidence = _check_min_confidence(min_confidence)
+    errors = _error_counts(labels.uri)
+    if not labels.fragments and errors.empty:
+        open_labels(labels.uri)  # raises the usual "no labels" sentence
+    selected = _select_episodes(labels, episodes)
+
+    def one_episode(episode: str) -> dict:
+        table = _read_episode(labels, episode, ["label", "confidence", "model_id"])
+        model_ids = sorted(v for v in pc.unique(table["model_id"]).to_pylist() if v is not None)
+        mean = pc.mean(table["confidence"]).as_py()
+        return {
+            "episode": episode,
+            "frames": table.num_rows,
+            "labelled_frames": int(pc.sum(_labelled_mask(table, min_confidence)).as_py() or 0),
+            "mean_confidence": np.nan if mean is None else float(mean),
+            "model_ids": ",".join(model_ids),
+        }
+
+    result = pd.DataFrame(_map_episodes(selected, one_episode), columns=[c for c in SUMMARY_COLUMNS if c != "error_rows"])
+    if episodes is None:
+        only_errors = sorted(set(errors.index) - set(result["episode"]))
+    else:
+        only_errors = []
+    if only_errors:
+        empty = pd.DataFrame({"episode": only_errors, "frames": 0, "labelled_frames": 0, "mean_confidence": np.nan, "model_ids": ""})
+        result = pd.concat([result, empty], ignore_index=True) if len(result) else empty
+    result["error_rows"] = result["episode"].map(errors).fillna(0).astype(np.int64)
+    result = result.astype({"frames": "int64", "labelled_frames": "int64", "mean_confidence": "float64"})
+    return result[SUMMARY_COLUMNS].sort_values("episode", kind="stable").reset_index(drop=True)
+
+
+def _error_counts(labels_uri: str) -> pd.Series:
+    """Rows of ``_errors/`` per episode (empty when the labeling recorded none)."""
+    errors_uri = storage.join(labels_uri, schema.ERRORS_DIR)
+    if not storage.is_dir(errors_uri):
+        return pd.Series(dtype=np.int64)
+    fs, path = storage.resolve(errors_uri)
+    try:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=schema.ERRORS_SCHEMA, ignore_prefixes=[".", "_"])
+        episodes = dataset.to_table(columns=["episode"])["episode"]
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"Cannot read the error rows in {errors_uri}: {_first_line(exc)}.") from None
+    counts = pc.value_counts(episodes)
+    return pd.Series(
+        counts.field("counts").to_numpy(zero_copy_only=False).astype(np.int64),
+        index=[e if e is not None else "" for e in counts.field("values").to_pylist()],
+        dtype=np.int64,
+    )
+
+
+def _concat(parts: list[pd.DataFrame], columns: list[str], dtypes: dict[str, str]) -> pd.DataFrame:
+    if not parts:
+        empty = pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "str")) for c in columns})
+        return empty
+    return pd.concat(parts, ignore_index=True)[columns].astype(dtypes)
+
+
+# --------------------------------------------------------------------- the command
+@dataclass(frozen=True)
+class QueryConfig:
+    """One ``simpsons-ray query`` run: the question, its filters, and where answers go."""
+
+    question: str  # one of QUESTIONS
+    labels_uri: str
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    episodes: tuple[str, ...] = ()
+    character: str | None = None
+    format: str | None = None  # None: from --output's extension, else "table"
+    output_uri: str | None = None
+    plot_uri: str | None = None
+    contact_sheet_uri: str | None = None
+    max_gap_s: float = DEFAULT_MAX_GAP_S
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.question not in QUESTIONS:
+            raise UserError(f"Unknown question {self.question!r}: ask one of {', '.join(QUESTIONS)}.")
+        if self.question == "frames" and not self.character:
+            raise UserError("`query frames` needs --character NAME.")
+        if self.plot_uri and self.question not in ("screen-time", "segments"):
+            raise UserError("--plot draws screen-time or segments; for frames use --contact-sheet.")
+        if self.contact_sheet_uri and self.question != "frames":
+            raise UserError("--contact-sheet applies to `query frames` only.")
+        if self.resolved_format not in FORMATS:
+            raise UserError(f"Unknown --format {self.format!r}: use one of {', '.join(FORMATS)}.")
+        if self.resolved_format == "parquet" and not self.output_uri:
+            raise UserError("--format parquet writes a file: add --output FILE.parquet.")
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        if self.output_uri:
+            extension = storage.basename(self.output_uri).rsplit(".", 1)[-1].lower()
+            if extension in FORMATS:
+                return extension
+        return "table"
+
+
+def ask(config: QueryConfig) -> pd.DataFrame:
+    """Answer the config's question as a DataFrame (no output written)."""
+    episodes = list(config.episodes) or None
+    if config.question == "screen-time":
+        return screen_time(config.labels_uri, config.min_confidence, episodes, config.character)
+    if config.question == "frames":
+        return frames(config.labels_uri, config.character, config.min_confidence, episodes, config.limit)
+    if config.question == "segments":
+        return segments(config.labels_uri, config.character, config.min_confidence, config.max_gap_s, episodes)
+    return summary(config.labels_uri, config.min_confidence, episodes)
+
+
+def run_query(config: QueryConfig, stdout: TextIO | None = None) -> pd.DataFrame:
+    """The ``query`` subcommand: answer, print or write the table, draw the pictures."""
+    stdout = stdout or sys.stdout
+    result = ask(config)
+    if config.limit is not None and config.question != "frames":
+        result = result.head(config.limit)
+    data = render(result, config.resolved_format)
+    if config.output_uri:
+        storage.write_bytes(config.output_uri, data)
+        log.info("wrote %d rows to %s", len(result), config.output_uri)
+    else:
+        stdout.write(data.decode())
+        stdout.flush()
+    if config.plot_uri:
+        from simpsons_ray import plots
+
+        if config.question == "screen-time":
+            plots.screen_time_chart(result, config.plot_uri)
+        else:
+            plots.segments_timeline(result, config.plot_uri)
+        log.info("wrote the chart to %s", config.plot_uri)
+    if config.contact_sheet_uri:
+        from simpsons_ray import plots
+
+        best = result.head(config.limit or DEFAULT_CONTACT_SHEET_FRAMES)
+        plots.contact_sheet(best, config.contact_sheet_uri, title=f"{config.character}: best {len(best)} frames")
+        log.info("wrote the contact sheet to %s", config.contact_sheet_uri)
+    return result
+
+
+def render(result: pd.DataFrame, fmt: str) -> bytes:
+    """A result as bytes in one of FORMATS; ``table`` is for people, the others for programs."""
+    if fmt == "csv":
+        return result.to_csv(index=False).encode()
+    if fmt == "json":
+        return (result.to_json(orient="records", indent=2) + "\n").encode()
+    if fmt == "parquet":
+        buffer = io.BytesIO()
+        result.to_parquet(buffer, index=False)
+        return buffer.getvalue()
+    if result.empty:
+        return b"(no rows)\n"
+    text = result.to_string(index=False, na_rep="-", float_format=_readable_float)
+    return (text + "\n").encode()
+
+
+def _readable_float(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].rstrip(".") if text else type(exc).__name__
