@@ -1,0 +1,77 @@
+"""``simpsons-ray evaluate``: a model artifact's metrics on a labelled set (either Kaggle layout)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from simpsons_ray import datasets, metrics, storage
+from simpsons_ray.errors import UserError
+from simpsons_ray.model import load_artifact, read_artifact_config
+from simpsons_ray.preprocess import ImageDecodeError, load_resized
+from simpsons_ray.training import evaluate
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model_uri: str
+    data_uri: str
+    batch_size: int = 64
+    as_json: bool = False
+
+
+def _decode(uri: str, image_size: int) -> np.ndarray | None:
+    try:
+        return load_resized(storage.read_bytes(uri), image_size)
+    except (ImageDecodeError, OSError):
+        return None
+
+
+def evaluate_model(config: EvaluateConfig) -> dict[str, Any]:
+    """Print the per-class report (and a final JSON line with --json); return the metrics."""
+    read_artifact_config(config.model_uri)  # a wrong --model fails before the data is listed
+    images = datasets.list_labelled_images(config.data_uri)
+    artifact = load_artifact(config.model_uri)
+    index = {name: i for i, name in enumerate(artifact.classes)}
+    unknown = sorted(set(images["label"]) - set(index))
+    known = images[images["label"].isin(list(index))].reset_index(drop=True)
+    if known.empty:
+        raise UserError(
+            f"None of the characters under {config.data_uri} are known to the model "
+            f"({', '.join(artifact.classes[:5])}...): check --data and --model."
+        )
+    size = artifact.preprocess.image_size
+    skipped: list[str] = []
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        # Threads overlap S3 reads and PIL decodes (both release the GIL).
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for start in range(0, len(known), config.batch_size):
+                chunk = known.iloc[start : start + config.batch_size]
+                decoded = list(pool.map(lambda u: _decode(u, size), chunk["uri"]))
+                keep = [i for i, img in enumerate(decoded) if img is not None]
+                skipped.extend(chunk["uri"].iloc[i] for i, img in enumerate(decoded) if img is None)
+                if keep:
+                    yield {
+                        "image": torch.from_numpy(np.stack([decoded[i] for i in keep])),
+                        "label": torch.tensor([index[chunk["label"].iloc[i]] for i in keep], dtype=torch.int64),
+                    }
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    artifact.model.to(device)
+    _, matrix = evaluate(artifact.model, batches(), device, artifact.preprocess, len(artifact.classes))
+    result = metrics.report(matrix, artifact.classes)
+    result |= {"model_id": artifact.model_id, "skipped_images": len(skipped), "unknown_characters": unknown}
+    print(metrics.format_report(result))
+    if unknown:
+        print(f"ignored {len(images) - len(known)} images of characters the model does not know: {', '.join(unknown)}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0]}")
+    if config.as_json:
+        print(json.dumps({k: v for k, v in result.items()}, separators=(",", ":")))
+    return result
