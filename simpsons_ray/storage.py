@@ -36,6 +36,11 @@ def _s3() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
+    # pyarrow reads AWS_ENDPOINT_URL only in S3FileSystem.from_uri, not in the
+    # constructor (apache/arrow#49643), so pass it on explicitly.
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
     return pafs.S3FileSystem(**kwargs)
 
 
