@@ -92,7 +92,9 @@ def screen_time_chart(screen_time: pd.DataFrame, uri: str, title: str = "Screen 
         ax.set_xlim(-0.6, len(positions) - 0.4)
         ax.set_ylabel("seconds on screen" if use_seconds else "frames on screen")
         ax.set_xlabel("episode")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+        handles, names = ax.get_legend_handles_labels()
+        # Top band first, as the bars read from the top.
+        ax.legend(handles[::-1], names[::-1], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     ax.set_title(title)
     _save_figure(fig, uri)
 

@@ -453,7 +453,8 @@ def summary(
     errors = _error_counts(labels.uri)
     if not labels.fragments and errors.empty:
         open_labels(labels.uri)  # raises the usual "no labels" sentence
-    selected = _select_episodes(labels, episodes)
+    error_only = [e for e in (episodes or []) if e in errors.index and e not in labels.fragments]
+    selected = _select_episodes(labels, [e for e in episodes if e not in error_only] if episodes is not None else None)
 
     def one_episode(episode: str) -> dict:
         table = _read_episode(labels, episode, ["label", "confidence", "model_id"])
@@ -471,7 +472,7 @@ def summary(
     if episodes is None:
         only_errors = sorted(set(errors.index) - set(result["episode"]))
     else:
-        only_errors = []
+        only_errors = sorted(set(error_only))
     if only_errors:
         empty = pd.DataFrame({"episode": only_errors, "frames": 0, "labelled_frames": 0, "mean_confidence": np.nan, "model_ids": ""})
         result = pd.concat([result, empty], ignore_index=True) if len(result) else empty

@@ -285,6 +285,9 @@ def test_summary_matches_pandas_and_counts_error_rows(dataset):
     expected = expected[query.SUMMARY_COLUMNS]
     pd.testing.assert_frame_equal(result, expected, check_dtype=False, rtol=1e-6)
     assert result.loc[result["episode"] == "s01e02", "model_ids"].item() == "resnet18-aaaa,resnet18-bbbb"
+    # An episode with error rows only can be asked for by name, like any other.
+    some = query.summary(labels_uri, episodes=["s03e09", "s01e03"])
+    assert some[["episode", "frames", "error_rows"]].values.tolist() == [["s01e03", 150, 1], ["s03e09", 0, 2]]
 
 
 # -------------------------------------------------------------------- pruning, S3
