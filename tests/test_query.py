@@ -470,6 +470,12 @@ def test_error_wrong_schema(tmp_path, capsys):
     pq.write_table(table, str(folder / "part-0.parquet"))
     message = _error(capsys, ["query", "screen-time", "--labels", str(tmp_path / "other")])
     assert "column 'label'" in message and "int64" in message
+    # Parquet outside episode=<id> folders, or one file instead of the folder.
+    pq.write_table(table, str(tmp_path / "flat.parquet"))
+    assert "is a file, not a labels output" in _error(capsys, ["query", "summary", "--labels", str(tmp_path / "flat.parquet")])
+    (tmp_path / "flat").mkdir()
+    shutil.copy(tmp_path / "flat.parquet", tmp_path / "flat" / "labels.parquet")
+    assert "not inside an episode=<id> folder" in _error(capsys, ["query", "summary", "--labels", str(tmp_path / "flat")])
 
 
 def test_error_unknown_character_lists_the_closest_names(dataset, capsys):
