@@ -442,8 +442,10 @@ def _decoded_dataset(table: pd.DataFrame, image_size: int, seed: int):
 
 
 def _drop_unreadable(decoded, what: str) -> tuple[Any, list[dict[str, str]]]:
-    bad = decoded.filter(lambda row: bool(row["error"])).select_columns(["uri", "error"]).take_all()
-    good = decoded.filter(lambda row: not row["error"]).select_columns(["image", "label"]).materialize()
+    from ray.data.expressions import col
+
+    bad = decoded.filter(expr=col("error") != "").select_columns(["uri", "error"]).take_all()
+    good = decoded.filter(expr=col("error") == "").select_columns(["image", "label"]).materialize()
     skipped = [{"uri": str(r["uri"]), "error": str(r["error"])} for r in bad]
     if skipped:
         first = skipped[0]
@@ -554,7 +556,7 @@ def _write_artifact(config, classes, state: TrainState, val_ds, skipped, dropped
     model = build_model(config.arch, len(classes), config.head_hidden, config.dropout)
     model.load_state_dict(state.best_model if state.best_model is not None else state.model)
     batches = (
-        {"image": torch.from_numpy(b["image"]), "label": torch.from_numpy(b["label"])}
+        {"image": torch.tensor(b["image"]), "label": torch.tensor(b["label"])}
         for b in val_ds.iter_batches(batch_size=128, batch_format="numpy")
     )
     _, matrix = evaluate(model, batches, torch.device("cpu"), config.preprocess, len(classes))

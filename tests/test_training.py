@@ -1,0 +1,376 @@
+"""Training: data layouts, split, model phases, transforms, and real Ray Train runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from imagegen import class_image, encode, upload_tree, write_class_folders, write_flat_test_folder
+from simpsons_ray import cli, datasets, metrics, storage
+from simpsons_ray.errors import UserError
+from simpsons_ray.model import (
+    build_model,
+    freeze_frozen_batchnorm,
+    load_artifact,
+    load_backbone_weights,
+    read_artifact_config,
+    set_trainable,
+)
+from simpsons_ray.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDecodeError,
+    PreprocessConfig,
+    TrainAugment,
+    decode_rgb,
+    load_resized,
+    normalize,
+)
+from simpsons_ray.training import EarlyStopping, TrainConfig, plan_phases, train_one_epoch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["apu_nahasapeemapetilon", "bart_simpson", "homer_simpson", "lisa_simpson"]
+ARTIFACT_FILES = ["model.pt", "config.json", "classes.json", "metrics.json", "confusion_matrix.csv",
+                  "confusion_matrix.png", "curves.png"]
+
+
+# ------------------------------------------------------------------------ data layouts
+def _table(counts: dict[str, int]) -> pd.DataFrame:
+    rows = [(f"/d/{label}/pic_{i:04d}.jpg", label) for label, n in counts.items() for i in range(n)]
+    return pd.DataFrame(rows, columns=["uri", "label"])
+
+
+def test_split_is_deterministic_stratified_and_order_independent():
+    images = _table({"a": 50, "b": 20, "c": 7, "d": 1})
+    first = datasets.stratified_split(images, 0.2, seed=3)
+    again = datasets.stratified_split(images.sample(frac=1.0, random_state=9), 0.2, seed=3)
+    pd.testing.assert_frame_equal(first.train, again.train)
+    pd.testing.assert_frame_equal(first.val, again.val)
+    assert first.classes == ["a", "b", "c", "d"]
+    val_counts = first.val["label"].value_counts().to_dict()
+    assert val_counts == {"a": 10, "b": 4, "c": 1}  # 20% per class, a 1-image class stays in train
+    assert set(first.train["uri"]).isdisjoint(first.val["uri"])
+    assert len(first.train) + len(first.val) == len(images)
+    assert (first.train["label_index"] == first.train["label"].map({"a": 0, "b": 1, "c": 2, "d": 3})).all()
+    other_seed = datasets.stratified_split(images, 0.2, seed=4)
+    assert set(other_seed.val["uri"]) != set(first.val["uri"])
+
+
+def test_kaggle_layout_ignores_nested_duplicate_and_non_images(tmp_path):
+    root = tmp_path / "simpsons_dataset"
+    write_class_folders(str(root), ["bart_simpson", "homer_simpson"], 3)
+    # The Kaggle zip nests a full duplicate copy of the dataset inside itself.
+    write_class_folders(str(root / "simpsons_dataset"), ["bart_simpson", "homer_simpson"], 3)
+    (root / "bart_simpson" / "notes.txt").write_text("not an image")
+    (root / "homer_simpson" / ".DS_Store").write_bytes(b"\0\0")
+    (root / "README.md").write_text("readme")
+    images = datasets.list_labelled_images(str(root))
+    assert sorted(images["label"].unique()) == ["bart_simpson", "homer_simpson"]
+    assert len(images) == 6
+    # Pointing at the outer folder of the zip descends into its single child.
+    outer = datasets.list_labelled_images(str(tmp_path))
+    pd.testing.assert_frame_equal(outer, images)
+
+
+def test_flat_test_layout_takes_label_from_file_name(tmp_path):
+    write_flat_test_folder(str(tmp_path / "kaggle_simpson_testset"), ["bart_simpson", "ned_flanders"], 2)
+    images = datasets.list_labelled_images(str(tmp_path / "kaggle_simpson_testset"))
+    assert images["label"].value_counts().to_dict() == {"bart_simpson": 2, "ned_flanders": 2}
+
+
+def test_class_filter_drops_rare_characters_and_says_which():
+    kept, dropped = datasets.filter_classes(_table({"a": 200, "b": 199, "c": 500}), 200)
+    assert sorted(kept["label"].unique()) == ["a", "c"]
+    assert dropped == {"b": 199}
+    with pytest.raises(UserError, match="drops every character"):
+        datasets.filter_classes(_table({"a": 3}), 10)
+
+
+def test_missing_path_and_no_class_folders_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        datasets.list_labelled_images(str(tmp_path / "nope"))
+    (tmp_path / "empty" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "empty" / "x").mkdir()
+    with pytest.raises(UserError, match="No class folders"):
+        datasets.list_labelled_images(str(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------------------- model
+def test_head_shape_and_trainable_parameters_per_phase():
+    model = build_model("resnet18", 7)
+    head = model.fc
+    assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert (head[0].in_features, head[0].out_features, head[2].p, head[3].out_features) == (512, 512, 0.5, 7)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+
+    def trained_tops():
+        return {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+
+    set_trainable(model, ())
+    assert trained_tops() == {"fc"}
+    set_trainable(model, ("layer4",))
+    assert trained_tops() == {"fc", "layer4"}
+    set_trainable(model, ("layer3", "layer4"))
+    assert trained_tops() == {"fc", "layer3", "layer4"}
+    set_trainable(model, "all")
+    assert trained_tops() == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"}
+
+
+def test_frozen_batchnorm_statistics_stay_frozen_in_phase_one():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3)
+    set_trainable(model, ())
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k or "running_var" in k}
+    fc_before = model.fc[3].weight.clone()
+    batches = [{"image": torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8), "label": torch.randint(0, 3, (8,))}
+               for _ in range(3)]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_one_epoch(model, batches, optimizer, torch.device("cpu"), PreprocessConfig(image_size=32))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a frozen BatchNorm updated its statistics"
+    assert not torch.equal(fc_before, model.fc[3].weight), "the head did not train"
+    # Phase 2: layer4's BatchNorm learns again.
+    set_trainable(model, ("layer4",))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_one_epoch(model, batches, optimizer, torch.device("cpu"), PreprocessConfig(image_size=32))
+    after = model.state_dict()
+    assert not torch.equal(before["layer4.1.bn2.running_mean"], after["layer4.1.bn2.running_mean"])
+    assert torch.equal(before["layer1.0.bn1.running_mean"], after["layer1.0.bn1.running_mean"])
+
+
+def test_freeze_frozen_batchnorm_only_touches_frozen_layers():
+    model = build_model("resnet18", 3)
+    set_trainable(model, ("layer4",))
+    model.train()
+    freeze_frozen_batchnorm(model)
+    assert not model.layer1[0].bn1.training
+    assert model.layer4[0].bn1.training
+
+
+def test_weights_from_a_state_dict_file_and_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    from torchvision import models
+
+    reference = models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model("resnet18", 4)
+    load_backbone_weights(model, "resnet18", str(path))
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+    assert model.fc[3].out_features == 4  # the head stays ours
+
+    # --weights imagenet goes through torchvision's enum, which reads the torch hub
+    # cache before it would download: put a file where the enum looks.
+    enum = models.ResNet18_Weights.IMAGENET1K_V1
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / os.path.basename(enum.url))
+    model = build_model("resnet18", 4)
+    assert "IMAGENET1K" in load_backbone_weights(model, "resnet18", "imagenet")
+    assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+
+    with pytest.raises(UserError, match="does not fit resnet34"):
+        load_backbone_weights(build_model("resnet34", 4), "resnet34", str(path))
+    with pytest.raises(UserError, match="does not exist"):
+        load_backbone_weights(model, "resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_phases_and_early_stopping():
+    assert [p.name for p in plan_phases(TrainConfig(weights="imagenet"))] == ["frozen", "finetune"]
+    full = plan_phases(TrainConfig(weights="none", finetune_epochs=4, lr=1e-3))
+    assert [(p.name, p.epochs, p.lr, p.trainable) for p in full] == [("full", 4, 1e-3, "all")]
+    stopper = EarlyStopping(patience=2)
+    assert [stopper.step(v) for v in (1.0, 0.9, 0.95, 0.91)] == [True, True, False, False]
+    assert stopper.should_stop and stopper.best == 0.9
+
+
+def test_model_dir_that_is_not_one(tmp_path):
+    (tmp_path / "somewhere").mkdir()
+    (tmp_path / "somewhere" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="is not a simpsons-ray model"):
+        read_artifact_config(str(tmp_path / "somewhere"))
+    with pytest.raises(UserError, match="does not exist"):
+        load_artifact(str(tmp_path / "nothing"))
+
+
+# -------------------------------------------------------------------------- transforms
+def test_decode_converts_every_mode_and_rejects_bad_bytes():
+    rgb = Image.new("RGB", (20, 10), (200, 30, 40))
+    for mode in ("L", "P", "RGBA", "CMYK", "LA", "I;16"):
+        fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "I;16" else "PNG")
+        img = decode_rgb(encode(rgb.convert(mode), fmt))
+        assert img.mode == "RGB" and img.size == (20, 10)
+    transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert decode_rgb(encode(transparent, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    good = encode(rgb)
+    for bad, reason in ((b"", "empty"), (good[: len(good) // 2], "cannot decode"), (b"GIF89a junk", "cannot decode")):
+        with pytest.raises(ImageDecodeError, match=reason):
+            decode_rgb(bad)
+    with pytest.raises(ImageDecodeError, match="exceeds"):
+        decode_rgb(encode(Image.new("RGB", (400, 300))), max_pixels=100_000)
+
+
+def test_eval_preprocessing_matches_torchvision_and_augmentation_varies():
+    from torchvision import transforms as T
+
+    img = class_image(1, np.random.default_rng(0), size=48)
+    data = encode(img, "PNG")
+    config = PreprocessConfig(image_size=32)
+    ours = normalize(load_resized(data, 32), config)[0]
+    reference = T.Compose([T.Resize((32, 32)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
+    assert ours.shape == (3, 32, 32)
+    assert torch.allclose(ours, reference, atol=0.05)  # PIL vs tensor bilinear differ by rounding only
+    augment = TrainAugment()
+    base = load_resized(data, 32)
+    outs = [augment(base) for _ in range(4)]
+    assert all(o.shape == (32, 32, 3) and o.dtype == np.uint8 for o in outs)
+    assert any(not np.array_equal(o, base) for o in outs)
+
+
+def test_metrics_match_a_hand_count():
+    y_true = [0, 0, 1, 1, 1, 2]
+    y_pred = [0, 1, 1, 1, 0, 2]
+    matrix = metrics.confusion_matrix(y_true, y_pred, 3)
+    assert matrix.tolist() == [[1, 1, 0], [1, 2, 0], [0, 0, 1]]
+    result = metrics.report(matrix, ["a", "b", "c"])
+    assert result["accuracy"] == pytest.approx(4 / 6)
+    f1 = [0.5, 2 * (2 / 3) * (2 / 3) / (4 / 3), 1.0]
+    assert result["macro_f1"] == pytest.approx(np.mean(f1))
+    assert result["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
+                                        "f1": pytest.approx(2 / 3), "support": 3}
+    assert metrics.matrix_csv(matrix, ["a", "b", "c"]).splitlines()[1] == "a,1,1,0"
+
+
+# ---------------------------------------------------------------- Ray Train, end to end
+def _make_dataset(root, per_class=30, seed=0):
+    write_class_folders(str(root), CLASSES, per_class, seed=seed, size=40)
+    (root / CLASSES[0] / "pic_broken.jpg").write_bytes(encode(class_image(0, np.random.default_rng(1)))[:200])
+    (root / CLASSES[1] / "Thumbs.db").write_bytes(b"\0" * 10)
+
+
+def _train_args(data, output, *extra):
+    return ["train", "--data", str(data), "--output", str(output), "--arch", "resnet18", "--image-size", "32",
+            "--num-workers", "2", "--batch-size", "16", *extra]
+
+
+def test_train_two_workers_learns_and_writes_a_complete_artifact(tmp_path, ray_session, capsys):
+    data, out = tmp_path / "data", tmp_path / "model"
+    _make_dataset(data)
+    assert cli.main(_train_args(data, out, "--weights", "none", "--finetune-epochs", "6", "--val-fraction", "0.25")) == 0
+    for name in ARTIFACT_FILES:
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["final"]["accuracy"] >= 0.85, summary["final"]  # chance is 0.25
+    assert summary["final"]["num_images"] == 4 * round(30 * 0.25)
+    assert [s["uri"].endswith("pic_broken.jpg") for s in summary["skipped_images"]] == [True]
+    assert len(summary["history"]) >= 1 and all(r["images_per_s"] > 0 for r in summary["history"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_size"] == 32 and config["arch"] == "resnet18" and config["training"]["weights"] == "none"
+    assert json.loads((out / "classes.json").read_text()) == CLASSES
+    assert Image.open(out / "curves.png").size[0] > 0 and Image.open(out / "confusion_matrix.png").size[0] > 0
+
+    # The artifact reloads and evaluates on the Kaggle test layout.
+    test_dir = tmp_path / "testset"
+    write_flat_test_folder(str(test_dir), CLASSES, 6, seed=5, size=40)
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", str(out), "--data", str(test_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_images"] == 24 and result["accuracy"] >= 0.8 and 0 <= result["macro_f1"] <= 1
+
+    # Rerunning the same command resumes the finished run: no epoch is trained again.
+    epochs_before = summary["epochs_run"]
+    assert cli.main(_train_args(data, out, "--weights", "none", "--finetune-epochs", "6", "--val-fraction", "0.25")) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == epochs_before
+    # ... but different settings into the same output are refused, in one sentence.
+    assert cli.main(_train_args(data, out, "--weights", "none", "--finetune-epochs", "9", "--val-fraction", "0.25")) == 2
+    assert "different settings (finetune_epochs)" in capsys.readouterr().err
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
+    """SIGKILL the whole job after its first checkpoint; the rerun continues from there."""
+    data, out = tmp_path / "data", tmp_path / "model"
+    write_class_folders(str(data), CLASSES[:3], 12, size=32)
+    weights = tmp_path / "backbone.pth"
+    from torchvision import models
+
+    torch.save(models.resnet18(weights=None).state_dict(), weights)
+    args = [sys.executable, os.path.join(REPO, "jobs", "train.py"), *_train_args(data, out)[1:],
+            "--weights", str(weights), "--frozen-epochs", "2", "--finetune-epochs", "2", "--patience", "9"]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    checkpoints = out / "_train"
+    while time.time() < deadline and not any(p.name.startswith("checkpoint_") for p in checkpoints.glob("*")):
+        assert first.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (out / "metrics.json").exists()
+
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming the run" in second.stdout
+    summary = json.loads((out / "metrics.json").read_text())
+    history = summary["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert [row["phase"] for row in history] == ["frozen", "frozen", "finetune", "finetune"]
+
+
+def test_train_reads_and_writes_s3(tmp_path, ray_session, s3_server, s3_bucket, capsys):
+    data = tmp_path / "data"
+    write_class_folders(str(data), CLASSES[:2], 8, size=32)
+    (data / CLASSES[0] / "notes.txt").write_text("ignored")
+    data_uri = upload_tree(s3_server.client(), s3_bucket, str(data), "datasets/simpsons")
+    out_uri = f"s3://{s3_bucket}/models/run1"
+    assert cli.main(["train", "--data", data_uri, "--output", out_uri, "--arch", "resnet18", "--image-size", "32",
+                     "--num-workers", "1", "--batch-size", "8", "--weights", "none", "--finetune-epochs", "1"]) == 0
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="models/run1/")["Contents"]}
+    for name in ARTIFACT_FILES:
+        assert f"models/run1/{name}" in keys
+    assert any(k.startswith("models/run1/_train/checkpoint_") for k in keys)
+    artifact = load_artifact(out_uri)
+    assert artifact.classes == CLASSES[:2] and artifact.model_id.startswith("resnet18-")
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", out_uri, "--data", data_uri, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_images"] == 16
+
+
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (lambda p: None, ["--data", "{tmp}/missing"], "does not exist"),
+        (lambda p: (p / "flat").mkdir(), ["--data", "{tmp}/flat"], "No class folders"),
+        (lambda p: None, ["--data", "{tmp}", "--arch", "resnet7"], "Unknown --arch"),
+        (lambda p: None, ["--data", "{tmp}", "--unfreeze", "layer9"], "Unknown stage"),
+    ],
+)
+def test_train_bad_input_is_one_sentence(tmp_path, capsys, make, args, message):
+    make(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert cli.main(["train", "--output", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_rejects_a_directory_that_is_not_a_model(tmp_path, capsys):
+    write_flat_test_folder(str(tmp_path / "test"), ["bart_simpson"], 1)
+    assert cli.main(["evaluate", "--model", str(tmp_path / "test"), "--data", str(tmp_path / "test")]) == 2
+    assert "is not a simpsons-ray model" in capsys.readouterr().err
+
+
+def test_unknown_flags_exit_with_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--data", "x", "--output", "y", "--learning-rate", "3"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
