@@ -88,7 +88,7 @@ def resize(img: Image.Image, image_size: int) -> np.ndarray:
     """Squash to a square ``image_size`` (uint8 HWC). No crop: a character may stand at the edge."""
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy; torch warns on read-only arrays
 
 
 def load_resized(data: bytes, image_size: int) -> np.ndarray:
