@@ -105,7 +105,7 @@ def open_labels(labels_uri: str, allow_empty: bool = False) -> LabelsDataset:
         episode = pads.get_partition_keys(fragment.partition_expression).get("episode")
         if episode is None:
             raise UserError(
-                f"{labels_uri} is not a labels output: {fragment.path} is not inside an episode=<id> folder; "
+                f"{labels_uri} is not a labels output: {storage.to_uri(dataset.filesystem, fragment.path)} is not inside an episode=<id> folder; "
                 "pass the folder that holds the episode=<id> folders."
             )
         fragments.setdefault(episode, []).append(fragment)
@@ -162,7 +162,7 @@ def _check_fragment(labels: LabelsDataset, fragment: pads.ParquetFileFragment, c
     try:
         physical = fragment.physical_schema
     except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"Cannot read {fragment.path} in the labels at {labels.uri}: {_first_line(exc)}.") from None
+        raise UserError(f"Cannot read {_file_uri(labels, fragment)} in the labels at {labels.uri}: {_first_line(exc)}.") from None
     for name in columns:
         if name == "episode":
             continue
@@ -170,15 +170,19 @@ def _check_fragment(labels: LabelsDataset, fragment: pads.ParquetFileFragment, c
         index = physical.get_field_index(name)
         if index < 0:
             raise UserError(
-                f"{labels.uri} is not a labels dataset: {fragment.path} has no column {name!r} "
+                f"{labels.uri} is not a labels dataset: {_file_uri(labels, fragment)} has no column {name!r} "
                 f"(a labels file has {', '.join(schema.LABELS_FILE_SCHEMA.names)})."
             )
         actual = physical.field(index).type
         if _family(actual) not in (_family(expected), "null"):
             raise UserError(
-                f"{labels.uri} is not a labels dataset: column {name!r} of {fragment.path} is {actual}, "
+                f"{labels.uri} is not a labels dataset: column {name!r} of {_file_uri(labels, fragment)} is {actual}, "
                 f"where the labels schema has {expected}."
             )
+
+
+def _file_uri(labels: LabelsDataset, fragment: pads.ParquetFileFragment) -> str:
+    return storage.to_uri(labels.dataset.filesystem, fragment.path)
 
 
 def _read_episode(
@@ -191,7 +195,7 @@ def _read_episode(
         try:
             tables.append(fragment.to_table(schema=labels.dataset.schema, columns=list(columns), filter=filter))
         except (OSError, pa.ArrowException) as exc:
-            raise UserError(f"Cannot read {fragment.path} in the labels at {labels.uri}: {_first_line(exc)}.") from None
+            raise UserError(f"Cannot read {_file_uri(labels, fragment)} in the labels at {labels.uri}: {_first_line(exc)}.") from None
     if not tables:
         return schema.LABELS_SCHEMA.empty_table().select(list(columns))
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -502,8 +506,7 @@ def _error_counts(labels_uri: str) -> pd.Series:
 
 def _concat(parts: list[pd.DataFrame], columns: list[str], dtypes: dict[str, str]) -> pd.DataFrame:
     if not parts:
-        empty = pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "str")) for c in columns})
-        return empty
+        return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "str")) for c in columns})
     return pd.concat(parts, ignore_index=True)[columns].astype(dtypes)
 
 

@@ -332,6 +332,11 @@ def test_queries_read_s3_like_local(dataset, s3_server, s3_bucket, tmp_path):
     pd.testing.assert_frame_equal(query.screen_time(s3_labels, min_confidence=0.4), query.screen_time(labels_uri, min_confidence=0.4))
     pd.testing.assert_frame_equal(query.summary(s3_labels), query.summary(labels_uri))
     pd.testing.assert_frame_equal(query.segments(s3_labels, episodes=["s01e01"]), query.segments(labels_uri, episodes=["s01e01"]))
+    # Pruning on S3 too: the other episodes' objects are garbage and never opened.
+    s3_corrupt = upload_tree(s3_server.client(), s3_bucket, _with_corrupt_partitions(labels_uri, tmp_path, keep="s02e01"), "corrupt")
+    pd.testing.assert_frame_equal(query.screen_time(s3_corrupt, episodes=["s02e01"]), query.screen_time(labels_uri, episodes=["s02e01"]))
+    with pytest.raises(UserError, match=r"Cannot read s3://.*/corrupt/episode=s01e01/part-0.parquet"):
+        query.summary(s3_corrupt)
     # A contact sheet of frames whose sources are S3 objects and S3 archive members.
     s3_frames = upload_tree(s3_server.client(), s3_bucket, frames_root, "dumps")
     best = query.frames(s3_labels, "bart_simpson", limit=8)
