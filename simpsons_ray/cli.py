@@ -116,7 +116,7 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("question", choices=q.QUESTIONS, help="what to ask of the labels")
     p.add_argument("--labels", required=True, help="labels output of `simpsons-ray label` (local path or s3://)")
     p.add_argument("--min-confidence", type=float, default=q.DEFAULT_MIN_CONFIDENCE, help="count a label only at this confidence or more (default %(default)s)")
-    p.add_argument("--episode", nargs="+", action="extend", default=[], metavar="ID", help="only these episodes (repeatable)")
+    p.add_argument("--episode", nargs="+", action="extend", default=[], metavar="ID", help="only these episodes (space- or comma-separated, repeatable)")
     p.add_argument("--character", help="the character (frames: required; screen-time, segments: only this one)")
     p.add_argument("--format", choices=q.FORMATS, help="table, csv, json or parquet (default: from --output's extension, else table)")
     p.add_argument("--output", help="write the answer to this file or s3:// URI instead of the terminal")
@@ -134,7 +134,7 @@ def _run_query(args: argparse.Namespace) -> int:
         question=args.question,
         labels_uri=args.labels,
         min_confidence=args.min_confidence,
-        episodes=tuple(args.episode),
+        episodes=tuple(e for item in args.episode for e in _csv(item)),
         character=args.character,
         format=args.format,
         output_uri=args.output,

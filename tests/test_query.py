@@ -353,7 +353,7 @@ def test_queries_read_s3_like_local(dataset, s3_server, s3_bucket, tmp_path):
 # ----------------------------------------------------------------------------- CLI
 def test_cli_table_is_the_default(dataset, capsys):
     labels_uri, _ = dataset
-    assert cli.main(["query", "screen-time", "--labels", labels_uri, "--episode", "s01e01", "s01e03"]) == 0
+    assert cli.main(["query", "screen-time", "--labels", labels_uri, "--episode", "s01e01,s01e03"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split() == ["episode", "character", "frames", "seconds", "share"]
