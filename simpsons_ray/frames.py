@@ -172,7 +172,7 @@ def iter_archive_frames(archive_uri: str) -> Iterator[RawFrame]:
     """Stream the members of a tar / tar.gz archive in order, never holding it whole."""
     member_name = ""
     try:
-        with storage.open_input(archive_uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with storage.open_input_raw(archive_uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue  # folders, links

@@ -223,3 +223,13 @@ def move(src_uri: str, dst_uri: str) -> None:
         os.replace(src, dst)
         return
     fs.move(src, dst)
+
+
+def open_input_raw(uri: str):
+    """A sequential read stream of the bytes as stored: a ``.gz`` stays gzip.
+
+    (:func:`open_input` lets pyarrow detect compression from the extension and
+    inflate on the way, which hides from a tar reader where a gzip stream is cut.)
+    """
+    fs, path = resolve(uri)
+    return fs.open_input_stream(path, compression=None)

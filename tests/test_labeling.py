@@ -1,0 +1,496 @@
+"""Labeling: frame dumps (folders, tar, tar.gz; local and S3) -> Parquet labels, exactly once.
+
+The model is a resnet18 at 32 px trained here for a few seconds on generated shapes,
+so its predictions are confident and a wrong label would show. Its labels in the
+Parquet are checked against the same model run in a plain PIL + torchvision loop.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from imagegen import class_image, encode, upload_tree, write_tar
+from simpsons_ray import schema, storage
+from simpsons_ray.errors import UserError
+from simpsons_ray.frames import frame_number, list_episodes
+from simpsons_ray.labeling import FramePredictor, LabelConfig, label
+from simpsons_ray.model import build_model, load_artifact, save_artifact
+from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["bart", "homer", "lisa", "marge"]
+IMAGE_SIZE = 32
+FRAME_PX = 44  # frames are bigger than the model input, so resizing is exercised
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A resnet18 artifact whose head is trained, on frozen random features, to tell the 4 shapes apart.
+
+    Training only the head on features computed once takes a second and still gives
+    confident, class-dependent predictions, which is all these tests need.
+    """
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    config = PreprocessConfig(image_size=IMAGE_SIZE)
+    images = [load_resized(encode(class_image(i % len(CLASSES), rng, FRAME_PX)), IMAGE_SIZE) for i in range(96)]
+    x, y = normalize(np.stack(images), config), torch.arange(96) % len(CLASSES)
+    model = build_model("resnet18", len(CLASSES), head_hidden=64, dropout=0.0).eval()
+    head, model.fc = model.fc, torch.nn.Identity()
+    with torch.inference_mode():
+        features = model(x)
+    model.fc = head
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(head(features.clone()), y).backward()
+        optimizer.step()
+    with torch.inference_mode():
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
+    assert accuracy > 0.9, f"fixture model did not learn the shapes (train accuracy {accuracy:.2f})"
+    path = str(tmp_path_factory.mktemp("model"))
+    save_artifact(path, model, "resnet18", CLASSES, config, head_hidden=64, dropout=0.0)
+    return path
+
+
+def frame_bytes(rng: np.random.Generator, index: int, fmt: str = "JPEG") -> bytes:
+    return encode(class_image(index % len(CLASSES), rng, FRAME_PX), fmt)
+
+
+def make_dump(root: str, seed: int = 0, per_episode: int = 12) -> dict[str, dict[str, bytes]]:
+    """A folder, a tar (frames in subfolders) and a tar.gz; returns {episode: {source suffix: bytes}}."""
+    rng = np.random.default_rng(seed)
+    dump: dict[str, dict[str, bytes]] = {}
+    folder = {f"frame_{i:06d}.jpg": frame_bytes(rng, i) for i in range(per_episode)}
+    os.makedirs(os.path.join(root, "S01E01"))
+    for name, data in folder.items():
+        with open(os.path.join(root, "S01E01", name), "wb") as f:
+            f.write(data)
+    dump["S01E01"] = folder
+    tar = {f"{'a' if i % 2 else 'b'}/S01E02_{i:05d}.png": frame_bytes(rng, i + 1, "PNG") for i in range(per_episode)}
+    write_tar(os.path.join(root, "S01E02.tar"), tar)
+    dump["S01E02"] = tar
+    targz = {f"frames/{i}.jpg": frame_bytes(rng, i + 2) for i in range(per_episode)}
+    write_tar(os.path.join(root, "S01E03.tar.gz"), targz, gz=True)
+    dump["S01E03"] = targz
+    return dump
+
+
+def reference_labels(model_dir: str, images: dict[str, bytes]) -> dict[str, tuple[str, float]]:
+    """The model applied in a plain loop: PIL decode, torchvision transforms, forward."""
+    from torchvision import transforms
+
+    config = json.load(open(os.path.join(model_dir, "config.json")))
+    classes = json.load(open(os.path.join(model_dir, "classes.json")))
+    transform = transforms.Compose(
+        [
+            transforms.Resize((config["image_size"], config["image_size"]), interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.ToTensor(),
+            transforms.Normalize(config["mean"], config["std"]),
+        ]
+    )
+    model = load_artifact(model_dir).model
+    out = {}
+    with torch.inference_mode():
+        for key, data in images.items():
+            x = transform(Image.open(io.BytesIO(data)).convert("RGB")).unsqueeze(0)
+            probs = model(x).softmax(1)[0]
+            out[key] = (classes[int(probs.argmax())], float(probs.max()))
+    return out
+
+
+def read_labels(output: str):
+    return schema.labels_dataset(output).to_table().to_pandas()
+
+
+def read_errors(output: str):
+    return pads.dataset(os.path.join(output, schema.ERRORS_DIR), format="parquet").to_table().to_pandas()
+
+
+def label_files(output: str) -> dict[str, bytes]:
+    found = {}
+    for dirpath, _, files in os.walk(output):
+        for name in files:
+            if name.endswith(".parquet"):
+                path = os.path.join(dirpath, name)
+                found[os.path.relpath(path, output)] = open(path, "rb").read()
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_session, model_dir, tmp_path_factory):
+    """One labeling run over a local dump of three episodes (folder, tar, tar.gz)."""
+    root = tmp_path_factory.mktemp("local")
+    frames_dir, output = str(root / "frames"), str(root / "labels")
+    dump = make_dump(frames_dir)
+    # Small read tasks so that one folder episode spans several of them.
+    summary = label(LabelConfig(model_uri=model_dir, frames_uri=frames_dir, output_uri=output, fps=25.0, frames_per_read_task=5))
+    return {"frames": frames_dir, "output": output, "dump": dump, "summary": summary}
+
+
+# ----------------------------------------------------------------------- frame names
+def test_frame_number_is_last_run_of_digits():
+    assert frame_number("frame_000123.jpg") == 123
+    assert frame_number("S01E02_0042.png") == 42
+    assert frame_number("cam2/frame12_v3.jpg") == 3
+    assert frame_number("frames/7.jpg") == 7
+    assert frame_number("poster.jpg") is None
+
+
+def test_list_episodes_folders_archives_and_filter(tmp_path):
+    for name in ("S01E01", "S01E02", "_scratch", ".hidden"):
+        (tmp_path / name).mkdir()
+    write_tar(str(tmp_path / "S01E03.tar.gz"), {}, gz=True)
+    write_tar(str(tmp_path / "S01E04.tar"), {})
+    (tmp_path / "notes.txt").write_text("not an episode")
+    episodes = list_episodes(str(tmp_path))
+    assert [(e.episode_id, e.kind) for e in episodes] == [
+        ("S01E01", "folder"), ("S01E02", "folder"), ("S01E03", "archive"), ("S01E04", "archive"),
+    ]
+    assert [e.episode_id for e in list_episodes(str(tmp_path), ("S01E04", "S01E01"))] == ["S01E01", "S01E04"]
+    with pytest.raises(UserError, match="S09E09"):
+        list_episodes(str(tmp_path), ("S09E09",))
+    write_tar(str(tmp_path / "S01E01.tar"), {})
+    with pytest.raises(UserError, match="appears twice"):
+        list_episodes(str(tmp_path))
+
+
+# ------------------------------------------------------------------------ happy path
+def test_labels_have_exact_schema_and_match_a_plain_loop(local_run, model_dir):
+    output, dump = local_run["output"], local_run["dump"]
+    dataset = schema.labels_dataset(output)
+    assert dataset.schema == schema.LABELS_SCHEMA
+    for path in dataset.files:  # the files hold every column but the partition key
+        assert pq.read_schema(path).remove_metadata() == schema.LABELS_FILE_SCHEMA
+
+    df = read_labels(output)
+    assert len(df) == sum(len(frames) for frames in dump.values())
+    assert df["source"].is_unique
+    expected_model_id = load_artifact(model_dir).model_id
+    assert set(df["model_id"]) == {expected_model_id}
+
+    frames_dir = local_run["frames"]
+    expected_sources = {}
+    for name in dump["S01E01"]:
+        expected_sources[os.path.join(frames_dir, "S01E01", name)] = ("S01E01", dump["S01E01"][name], name)
+    for eid, archive in (("S01E02", "S01E02.tar"), ("S01E03", "S01E03.tar.gz")):
+        for member, data in dump[eid].items():
+            expected_sources[f"{os.path.join(frames_dir, archive)}#{member}"] = (eid, data, member)
+    assert set(df["source"]) == set(expected_sources)
+
+    reference = reference_labels(model_dir, {src: data for src, (_, data, _) in expected_sources.items()})
+    for row in df.itertuples():
+        eid, _, name = expected_sources[row.source]
+        assert row.episode == eid
+        assert row.frame == frame_number(name)
+        assert row.timestamp_s == pytest.approx(row.frame / 25.0)
+        assert row.label == reference[row.source][0], row.source
+        assert row.confidence == pytest.approx(reference[row.source][1], abs=1e-4)
+        assert list(row.top_labels)[0] == row.label and len(row.top_labels) == 3
+        assert list(row.top_scores) == sorted(row.top_scores, reverse=True)
+        assert row.top_scores[0] == pytest.approx(row.confidence)
+    # The fixture images are drawn from the classes in a cycle: the model should see that.
+    assert (df["label"] == [CLASSES[(frame_number(expected_sources[s][2]) + {"S01E01": 0, "S01E02": 1, "S01E03": 2}[e]) % 4]
+                            for s, e in zip(df["source"], df["episode"])]).mean() > 0.8
+
+
+def test_one_file_per_episode_and_a_saved_summary(local_run, model_dir):
+    output, summary = local_run["output"], local_run["summary"]
+    files = sorted(p for p in label_files(output) if not p.startswith("_"))
+    assert files == [f"episode=S01E0{i}/part-0.parquet" for i in (1, 2, 3)]
+    assert summary["frames_labelled"] == 36 and summary["errors"] == 0
+    assert summary["episodes"] == 3 and summary["episodes_labelled"] == 3
+    assert summary["model_id"] == load_artifact(model_dir).model_id
+    assert summary["frames_per_s"] > 0 and summary["wall_time_s"] > 0
+    saved = json.load(open(os.path.join(output, schema.RUNS_DIR, f"{summary['run_id']}.json")))
+    assert saved["frames_labelled"] == 36
+    assert not os.path.exists(os.path.join(output, schema.ERRORS_DIR))
+    assert not any(files for _, _, files in os.walk(os.path.join(output, "_tmp")))
+
+
+def test_rerun_is_a_no_op(local_run, model_dir):
+    output = local_run["output"]
+    before = label_files(output)
+    summary = label(LabelConfig(model_uri=model_dir, frames_uri=local_run["frames"], output_uri=output, fps=25.0))
+    assert summary["frames_labelled"] == 0 and summary["episodes_skipped"] == 3 and summary["episodes_labelled"] == 0
+    assert label_files(output) == before
+
+
+def test_predictor_bf16_channels_last_path_agrees_on_cpu(model_dir):
+    """The GPU settings (bf16 autocast, channels_last), exercised on CPU against fp32."""
+    rng = np.random.default_rng(5)
+    config = PreprocessConfig(image_size=IMAGE_SIZE)
+    x = normalize(np.stack([load_resized(frame_bytes(rng, i), IMAGE_SIZE) for i in range(32)]), config).numpy()
+    plain = FramePredictor(model_dir, top_k=3, device="cpu")
+    fast = FramePredictor(model_dir, top_k=3, device="cpu", mixed_precision=True, channels_last=True)
+    assert not plain.mixed_precision and not plain.channels_last
+    assert fast.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    plain_scores, plain_idx = plain.predict(x)
+    fast_scores, fast_idx = fast.predict(x)
+    assert fast_scores.dtype == np.float32 and fast_idx.shape == (32, 3)
+    assert (plain_idx[:, 0] == fast_idx[:, 0]).mean() >= 0.9
+    assert np.abs(plain_scores[:, 0] - fast_scores[:, 0]).max() < 0.1
+
+
+# --------------------------------------------------------------------------- S3
+def test_s3_frames_model_and_output(ray_session, model_dir, s3_server, s3_bucket, tmp_path):
+    frames_dir = str(tmp_path / "frames")
+    dump = make_dump(frames_dir, seed=3, per_episode=6)
+    client = s3_server.client()
+    frames_uri = upload_tree(client, s3_bucket, frames_dir, "dumps/season1")
+    model_uri = upload_tree(client, s3_bucket, model_dir, "models/m1")
+    output = f"s3://{s3_bucket}/labels"
+    summary = label(LabelConfig(model_uri=model_uri, frames_uri=frames_uri, output_uri=output, top_k=2))
+    assert summary["frames_labelled"] == 18 and summary["errors"] == 0
+
+    table = schema.labels_dataset(output).to_table()
+    assert table.schema == schema.LABELS_SCHEMA
+    df = table.to_pandas()
+    assert len(df) == 18 and df["source"].is_unique
+    assert df["timestamp_s"].isna().all()  # no --fps
+    assert all(len(t) == 2 for t in df["top_labels"])
+    tar_row = df[df["episode"] == "S01E02"].iloc[0]
+    assert tar_row["source"].startswith(f"{frames_uri}/S01E02.tar#")
+    reference = reference_labels(model_dir, {f"{frames_uri}/S01E01/{n}": d for n, d in dump["S01E01"].items()})
+    for row in df[df["episode"] == "S01E01"].itertuples():
+        assert row.label == reference[row.source][0]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="labels/")["Contents"]}
+    assert {f"labels/episode=S01E0{i}/part-0.parquet" for i in (1, 2, 3)} <= keys
+    assert not any(k.startswith("labels/_tmp/") and k.endswith(".parquet") for k in keys)
+
+    again = label(LabelConfig(model_uri=model_uri, frames_uri=frames_uri, output_uri=output, top_k=2))
+    assert again["frames_labelled"] == 0 and again["episodes_skipped"] == 3
+
+
+# ------------------------------------------------------------------------ bad input
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height: a decompression bomb by header."""
+    data = bytearray(encode(Image.new("RGB", (8, 8)), "PNG"))
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def mode_image(mode: str, rng: np.random.Generator) -> bytes:
+    rgb = class_image(1, rng, FRAME_PX)
+    if mode == "CMYK":
+        return encode(rgb.convert("CMYK"), "JPEG")
+    if mode == "I;16":
+        return encode(Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 256)), "PNG")
+    if mode == "P":
+        return encode(rgb.convert("P", palette=Image.ADAPTIVE), "PNG")
+    return encode(rgb.convert(mode), "PNG")
+
+
+def test_bad_members_are_error_rows_and_good_frames_still_labelled(ray_session, model_dir, tmp_path):
+    rng = np.random.default_rng(7)
+    frames_dir, output = tmp_path / "frames", str(tmp_path / "labels")
+    good = frame_bytes(rng, 0)
+    folder = frames_dir / "E1"
+    folder.mkdir(parents=True)
+    files = {
+        "frame_0001.jpg": good,
+        "frame_0002.jpg": b"this is not a jpeg",  # corrupt
+        "frame_0003.jpg": good[: len(good) // 2],  # truncated
+        "frame_0004.png": b"",  # empty
+        "frame_0005.png": png_claiming(100_000, 100_000),  # bomb by header
+        "notes.txt": b"shot list",  # stray non-image
+        "poster.jpg": good,  # no frame number
+    }
+    for i, mode in enumerate(("L", "LA", "RGBA", "P", "CMYK", "I;16"), start=10):
+        files[f"frame_{i:04d}.png"] = mode_image(mode, rng)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    members = {
+        "x/frame_01.jpg": good,
+        "x/frame_02.jpg": b"\xff\xd8\xff garbage",
+        "y/frame_03.png": b"",
+        "README.md": b"hello",
+        "y/frame_04.jpg": good,
+    }
+    write_tar(str(frames_dir / "E2.tar"), members)
+    write_tar(str(frames_dir / "E3.tar"), {})  # empty archive
+    # A tar.gz cut short: the frames before the cut are labelled, the cut is an error.
+    write_tar(str(tmp_path / "whole.tar.gz"), {f"f_{i:03d}.png": encode(class_image(i % 4, rng, 200), "PNG") for i in range(12)}, gz=True)
+    whole = (tmp_path / "whole.tar.gz").read_bytes()
+    (frames_dir / "E4.tar.gz").write_bytes(whole[: int(len(whole) * 0.6)])
+
+    summary = label(LabelConfig(model_uri=model_dir, frames_uri=str(frames_dir), output_uri=output))
+    df = read_labels(output)
+    errors = read_errors(output)
+    assert list(errors.columns) == schema.ERRORS_SCHEMA.names
+    by_source = dict(zip(errors["source"], errors["error"]))
+
+    f = lambda name: str(folder / name)  # noqa: E731
+    labelled = set(df["source"])
+    good_folder = {f("frame_0001.jpg")} | {f(f"frame_{i:04d}.png") for i in range(10, 16)}
+    assert good_folder <= labelled  # every mode converted and labelled
+    assert "cannot decode" in by_source[f("frame_0002.jpg")]
+    assert f("frame_0003.jpg") in by_source
+    assert "empty" in by_source[f("frame_0004.png")]
+    assert "pixels" in by_source[f("frame_0005.png")]  # refused by its header, never decoded
+    assert "not an image" in by_source[f("notes.txt")]
+    assert "frame number" in by_source[f("poster.jpg")]
+
+    e2 = str(frames_dir / "E2.tar")
+    assert {f"{e2}#x/frame_01.jpg", f"{e2}#y/frame_04.jpg"} <= labelled
+    assert {f"{e2}#x/frame_02.jpg", f"{e2}#y/frame_03.png", f"{e2}#README.md"} <= set(by_source)
+    assert "empty archive" in by_source[str(frames_dir / "E3.tar")]
+    assert "E3" in summary["empty_episodes"]
+
+    e4 = df[df["episode"] == "E4"]
+    assert 0 < len(e4) < 12
+    assert any("unreadable archive" in e for s, e in by_source.items() if s.startswith(str(frames_dir / "E4.tar.gz")))
+
+    assert set(errors["episode"]) == {"E1", "E2", "E3", "E4"}
+    assert summary["errors"] == len(errors) and summary["frames_labelled"] == len(df)
+    assert len(df) + len(errors) == len(set(df["source"]) | set(errors["source"]))  # no source twice
+
+
+# ------------------------------------------------------------------ confidence, flags
+def test_min_confidence_nulls_labels_and_changed_settings_need_overwrite(local_run, model_dir, tmp_path):
+    confidences = read_labels(local_run["output"])["confidence"]
+    threshold = float(np.median(confidences))
+    output = str(tmp_path / "labels")
+    cfg = dict(model_uri=model_dir, frames_uri=local_run["frames"], output_uri=output)
+    label(LabelConfig(**cfg, min_confidence=threshold, episodes=("S01E01", "S01E03")))
+    df = read_labels(output)
+    assert set(df["episode"]) == {"S01E01", "S01E03"}
+    low = df["confidence"] < threshold
+    assert low.any() and (~low).any()
+    assert df.loc[low, "label"].isna().all()
+    assert (df.loc[~low, "label"] == [t[0] for t in df.loc[~low, "top_labels"]]).all()
+
+    with pytest.raises(UserError, match="--overwrite"):
+        label(LabelConfig(**cfg, episodes=("S01E01",)))
+    summary = label(LabelConfig(**cfg, episodes=("S01E01",), overwrite=True))
+    assert summary["episodes_labelled"] == 1
+    df = read_labels(output)
+    assert df.loc[df["episode"] == "S01E01", "label"].notna().all()
+    assert df.loc[df["episode"] == "S01E03", "label"].isna().any()  # untouched
+    assert df["source"].is_unique
+
+
+def test_user_errors_before_any_work(model_dir, local_run, tmp_path):
+    frames = local_run["frames"]
+    out = str(tmp_path / "out")
+    with pytest.raises(UserError, match="does not exist"):
+        label(LabelConfig(model_uri=model_dir, frames_uri=str(tmp_path / "nope"), output_uri=out))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="No episodes"):
+        label(LabelConfig(model_uri=model_dir, frames_uri=str(tmp_path / "empty"), output_uri=out))
+    with pytest.raises(UserError, match="not a simpsons-ray model"):
+        label(LabelConfig(model_uri=frames, frames_uri=frames, output_uri=out))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="Cannot write"):
+        label(LabelConfig(model_uri=model_dir, frames_uri=frames, output_uri=str(tmp_path / "a_file" / "labels")))
+    assert not os.path.exists(out)
+
+
+def test_cli_prints_one_sentence_and_exits_2(model_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--model", model_dir, "--frames", str(tmp_path / "missing"),
+         "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "does not exist" in lines[0], result.stderr
+
+
+# ------------------------------------------------------------------ kill and resume
+def test_killed_run_resumes_with_exactly_one_row_per_frame(ray_session, model_dir, tmp_path):
+    rng = np.random.default_rng(11)
+    frames_dir, output = tmp_path / "frames", str(tmp_path / "labels")
+    frames_dir.mkdir()
+    expected = set()
+    for e in range(8):
+        members = {f"f/{i:05d}.jpg": frame_bytes(rng, i) for i in range(40)}
+        write_tar(str(frames_dir / f"E{e}.tar"), members)
+        expected |= {f"{frames_dir / f'E{e}.tar'}#{m}" for m in members}
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--model", model_dir, "--frames", str(frames_dir),
+           "--output", output, "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    progress = os.path.join(output, "_progress")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.isdir(progress) and os.listdir(progress):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the labeling subprocess ended before it could be killed"
+    finally:
+        _kill_session(proc)
+    committed = len(os.listdir(progress))
+    assert 1 <= committed < 8, f"{committed} episodes were committed when the run was killed"
+
+    # As if killed after an episode's file moved into place but before its marker:
+    # a rerun must not keep those rows.
+    done = sorted(name[: -len(".json")] for name in os.listdir(progress))
+    pending = sorted({f"E{e}" for e in range(8)} - set(done))[-1]
+    stray = os.path.join(output, f"episode={pending}", "part-0.parquet")
+    os.makedirs(os.path.dirname(stray), exist_ok=True)
+    shutil.copy(os.path.join(output, f"episode={done[0]}", "part-0.parquet"), stray)
+
+    summary = label(LabelConfig(model_uri=model_dir, frames_uri=str(frames_dir), output_uri=output))
+    assert summary["episodes_skipped"] == committed and summary["episodes_labelled"] == 8 - committed
+    df = read_labels(output)
+    assert len(df) == len(expected) and set(df["source"]) == expected  # none twice, none missing
+    assert len(os.listdir(progress)) == 8
+    assert not any(files for _, _, files in os.walk(os.path.join(output, "_tmp")))
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the job and everything it started (its own local Ray included)."""
+    import psutil
+
+    members = [p for p in psutil.process_iter() if _sid(p) == proc.pid]
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in members:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.wait(timeout=30)
+
+
+def _sid(p) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except OSError:
+        return None
+
+
+# -------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: bf16 autocast and channels_last on GPU")
+def test_gpu_labels_agree_with_cpu(local_run, model_dir, tmp_path):
+    output = str(tmp_path / "labels")
+    summary = label(LabelConfig(model_uri=model_dir, frames_uri=local_run["frames"], output_uri=output, use_gpu=True, fps=25.0))
+    assert summary["frames_labelled"] == 36
+    gpu = read_labels(output).set_index("source")["label"]
+    cpu = read_labels(local_run["output"]).set_index("source")["label"]
+    assert (gpu.sort_index() == cpu.sort_index()).mean() >= 0.9
