@@ -202,7 +202,22 @@ def _run_label(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_label, _add_query]
+# ---------------------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train, label and query end to end on generated data (local Ray, local files)")
+    p.add_argument("--output", default="demo-output", help="where everything goes (default %(default)s)")
+    p.add_argument("--num-workers", type=_positive_int, default=2, help="Ray Train workers (default %(default)s)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from simpsons_ray.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(output_uri=args.output, num_workers=args.num_workers))
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_label, _add_query, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
