@@ -22,6 +22,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from simpsons_ray import storage
@@ -308,6 +309,7 @@ def training_curves(history: list[dict], uri: str) -> None:
                 ax.axvline(frame.loc[i, "epoch"] - 0.5, color="grey", linestyle=":")
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     _save_figure(fig, uri)
 
