@@ -26,6 +26,7 @@ import io
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -307,7 +308,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state = TrainState.from_bytes(f.read())
         model.load_state_dict(state.model)
         if rank == 0:
-            print(f"resuming from epoch {state.epoch} (phase {state.phase_index + 1}, best val_loss {state.best_loss:.4f})")
+            _say(f"resuming from epoch {state.epoch} (phase {state.phase_index + 1}, best val_loss {state.best_loss:.4f})")
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -365,11 +366,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.bad_epochs = stopper.bad_epochs
             stop_phase = stopper.should_stop and state.epoch_in_phase < phase.epochs
             if rank == 0:
-                print(
+                _say(
                     f"epoch {state.epoch:>3}/{total_epochs} [{phase.name}] train_loss {train_stats.loss:.4f} "
                     f"val_loss {val_stats.loss:.4f} val_acc {val_stats.accuracy:.4f} lr {lr:.1e} "
-                    f"{images_per_s:,.0f} img/s" + (" *" if improved else "") + ("  early stop" if stop_phase else ""),
-                    flush=True,
+                    f"{images_per_s:,.0f} img/s" + (" *" if improved else "") + ("  early stop" if stop_phase else "")
                 )
             if stop_phase:
                 state.epoch_in_phase = phase.epochs
@@ -387,6 +387,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _report(state, row, rank)
             if phase_over:
                 break
+
+
+def _say(line: str) -> None:
+    # Not print(): Ray Train patches print on workers into a logger that the
+    # driver then shows twice.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _report(state: TrainState, row: dict[str, Any], rank: int) -> None:

@@ -374,3 +374,13 @@ def test_unknown_flags_exit_with_usage(capsys):
         cli.main(["train", "--data", "x", "--output", "y", "--learning-rate", "3"])
     assert exc.value.code == 2
     assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; CI has none, the CPU path above runs the same code")
+def test_one_epoch_on_cuda_uses_bf16_and_channels_last():
+    model = build_model("resnet18", 3).cuda().to(memory_format=torch.channels_last)
+    batches = [{"image": torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8), "label": torch.randint(0, 3, (8,))}]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stats = train_one_epoch(model, batches, optimizer, torch.device("cuda"), PreprocessConfig(image_size=32))
+    assert stats.count == 8 and np.isfinite(stats.loss)
