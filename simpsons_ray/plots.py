@@ -6,8 +6,9 @@ through :mod:`simpsons_ray.storage`. Charts are drawn with matplotlib's Agg
 renderer on a bare ``Figure``, never through pyplot, so nothing here needs a
 display or touches global matplotlib state; the contact sheet is assembled with PIL.
 
-Sizes are fixed in pixels (constants below) so that a chart always comes out the
-same size, whatever the data.
+Sizes are set in pixels by the constants below (the timeline grows by a fixed
+height per episode and character lane), never by the data's extent, so a
+picture's size is known before it is drawn.
 """
 
 from __future__ import annotations
