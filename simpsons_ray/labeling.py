@@ -312,6 +312,13 @@ class OutputLayout:
     def run_summary(self, run_id: str) -> str:
         return storage.join(self.output_uri, schema.RUNS_DIR, f"{run_id}.json")
 
+    def remove_partial_writes(self) -> None:
+        """Remove the temp files of atomic local writes that a kill cut short (``<name>.tmp-<hex>``)."""
+        for folder in (schema.ERRORS_DIR, PROGRESS_DIR):
+            for entry in storage.list_files(storage.join(self.output_uri, folder), recursive=False):
+                if ".tmp-" in entry.relpath:
+                    storage.delete(entry.uri)
+
     def remove_episode(self, episode_id: str) -> None:
         """Remove an episode's labels, errors and marker (marker first: never 'done' without rows)."""
         storage.delete(self.marker(episode_id))
@@ -475,9 +482,13 @@ def label(config: LabelConfig) -> dict[str, Any]:
         "label: %d episode(s) under %s, %d already labelled by %s, %d to do",
         len(episodes), config.frames_uri, len(skipped), settings.model_id, len(todo),
     )
+    if todo:
+        _ensure_ray()
+        _check_resources(config)
     # Anything an interrupted run left behind: temp files, and rows or errors of
     # episodes it never marked done. Removed before any new row is written.
     storage.delete(layout.tmp_dir())
+    layout.remove_partial_writes()
     for episode in todo:
         layout.remove_episode(episode.episode_id)
 
@@ -568,12 +579,6 @@ def _run_pipeline(
     progress: _Progress,
 ) -> list[str]:
     """Stream every frame of ``todo`` through the model; commit each episode as it completes."""
-    import ray
-
-    _ensure_ray()
-    if config.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise UserError("--gpu was given but the Ray cluster has no GPU: start it on GPU nodes, or drop --gpu to label on CPUs.")
-
     specs = plan_read_tasks(todo, config.frames_per_read_task)
     by_id = {e.episode_id: e for e in todo}
     tasks_of: dict[str, set[int]] = defaultdict(set)
@@ -629,7 +634,15 @@ def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: Prepr
     import ray
 
     block_rows = rows_per_block(preprocess.image_size)
-    dataset = ray.data.read_datasource(_frame_dump_datasource(specs, block_rows), num_cpus=READ_TASK_CPUS)
+    # One read per spec: left to itself, Ray Data would cut every read block into
+    # dozens of tiny ones to reach its default parallelism.
+    dataset = ray.data.read_datasource(
+        _frame_dump_datasource(specs, block_rows), num_cpus=READ_TASK_CPUS, override_num_blocks=len(specs)
+    )
+    # Ray Data merges what a read task yields into blocks of up to 128 MiB, which for
+    # small compressed frames is a whole archive; slice them back to `block_rows`
+    # so that the frames of one archive are decoded by many CPU tasks at once.
+    dataset = dataset.repartition(target_num_rows_per_block=block_rows)
     dataset = dataset.map_batches(
         decode_frames, fn_kwargs={"preprocess": preprocess}, batch_size=None, batch_format="numpy", num_cpus=DECODE_TASK_CPUS
     )
@@ -649,6 +662,13 @@ def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: Prepr
         batch_format="numpy",
         **resources,
     )
+
+
+def _check_resources(config: LabelConfig) -> None:
+    import ray
+
+    if config.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise UserError("--gpu was given but the Ray cluster has no GPU: start it on GPU nodes, or drop --gpu to label on CPUs.")
 
 
 def _ensure_ray() -> None:

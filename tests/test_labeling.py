@@ -406,6 +406,14 @@ def test_user_errors_before_any_work(model_dir, local_run, tmp_path):
     assert not os.path.exists(out)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the point is a cluster without GPUs")
+def test_gpu_flag_without_gpus_fails_before_any_work(ray_session, model_dir, local_run, tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(UserError, match="no GPU"):
+        label(LabelConfig(model_uri=model_dir, frames_uri=local_run["frames"], output_uri=out, use_gpu=True))
+    assert not any(name.startswith("episode=") for name in os.listdir(out))
+
+
 def test_cli_prints_one_sentence_and_exits_2(model_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--model", model_dir, "--frames", str(tmp_path / "missing"),
@@ -435,28 +443,36 @@ def test_killed_run_resumes_with_exactly_one_row_per_frame(ray_session, model_di
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if os.path.isdir(progress) and os.listdir(progress):
+            if os.path.isdir(progress) and any(n.endswith(".json") for n in os.listdir(progress)):
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the labeling subprocess ended before it could be killed"
     finally:
         _kill_session(proc)
-    committed = len(os.listdir(progress))
+    markers = lambda: sorted(n[: -len(".json")] for n in os.listdir(progress) if n.endswith(".json"))  # noqa: E731
+    done = markers()  # (a marker being written when the kill came is a temp file, not a marker)
+    committed = len(done)
     assert 1 <= committed < 8, f"{committed} episodes were committed when the run was killed"
 
     # As if killed after an episode's file moved into place but before its marker:
     # a rerun must not keep those rows.
-    done = sorted(name[: -len(".json")] for name in os.listdir(progress))
     pending = sorted({f"E{e}" for e in range(8)} - set(done))[-1]
     stray = os.path.join(output, f"episode={pending}", "part-0.parquet")
     os.makedirs(os.path.dirname(stray), exist_ok=True)
     shutil.copy(os.path.join(output, f"episode={done[0]}", "part-0.parquet"), stray)
+    # ... and as if killed in the middle of writing an errors file and a marker.
+    os.makedirs(os.path.join(output, schema.ERRORS_DIR), exist_ok=True)
+    half_written = [os.path.join(output, schema.ERRORS_DIR, f"{pending}.parquet.tmp-0123"), os.path.join(progress, f"{pending}.json.tmp-0123")]
+    for path in half_written:
+        with open(path, "wb") as f:
+            f.write(b"PAR1 cut short")
 
     summary = label(LabelConfig(model_uri=model_dir, frames_uri=str(frames_dir), output_uri=output))
     assert summary["episodes_skipped"] == committed and summary["episodes_labelled"] == 8 - committed
     df = read_labels(output)
     assert len(df) == len(expected) and set(df["source"]) == expected  # none twice, none missing
-    assert len(os.listdir(progress)) == 8
+    assert markers() == [f"E{e}" for e in range(8)]
+    assert not any(os.path.exists(p) for p in half_written)
     assert not any(files for _, _, files in os.walk(os.path.join(output, "_tmp")))
 
 
