@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import time
@@ -238,6 +237,7 @@ class FramePredictor:
         mixed_precision: bool | None = None,
         channels_last: bool | None = None,
         cpu_threads: int | None = None,
+        expected_model_id: str | None = None,
     ):
         import torch
 
@@ -252,6 +252,12 @@ class FramePredictor:
             # pass is the heavy stage, so let it use the cores it has been given.
             torch.set_num_threads(max(1, min(cpu_threads, os.cpu_count() or 1)))
         artifact = load_artifact(model_uri, self.device)
+        if expected_model_id is not None and artifact.model_id != expected_model_id:
+            # Rows carry the id from config.json; weights swapped since would make it a lie.
+            raise UserError(
+                f"{model_uri}/model.pt is {artifact.model_id} but its config.json says {expected_model_id}: "
+                "the weights changed after the artifact was saved; save the model again."
+            )
         self.model = artifact.model
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -592,7 +598,7 @@ def _run_pipeline(
     empty: list[str] = []
 
     with _data_context():
-        dataset = _build_dataset(config, specs, preprocess)
+        dataset = _build_dataset(config, specs, preprocess, settings.model_id)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             episode_ids = batch["episode"]
             for eid in np.unique(episode_ids):
@@ -629,7 +635,7 @@ def _run_pipeline(
     return sorted(empty)
 
 
-def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: PreprocessConfig):
+def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: PreprocessConfig, model_id: str):
     """read -> decode (CPU tasks) -> predict (actor pool); the few Ray Data lines in one place."""
     import ray
 
@@ -656,7 +662,7 @@ def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: Prepr
         resources = {"num_cpus": CPU_PREDICTOR_CPUS}
     return dataset.map_batches(
         FramePredictor,
-        fn_constructor_kwargs={"model_uri": config.model_uri, "top_k": config.top_k, **predictor_args},
+        fn_constructor_kwargs={"model_uri": config.model_uri, "top_k": config.top_k, "expected_model_id": model_id, **predictor_args},
         compute=ray.data.ActorPoolStrategy(size=config.num_workers),
         batch_size=config.batch_size,
         batch_format="numpy",
@@ -695,7 +701,3 @@ def _data_context() -> Iterator[None]:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def summary_json(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, indent=2, default=str)

@@ -15,7 +15,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tarfile
 import time
 import zlib
 
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 
 from imagegen import class_image, encode, upload_tree, write_tar
-from simpsons_ray import schema, storage
+from simpsons_ray import schema
 from simpsons_ray.errors import UserError
 from simpsons_ray.frames import frame_number, list_episodes
 from simpsons_ray.labeling import FramePredictor, LabelConfig, label
@@ -207,9 +206,10 @@ def test_labels_have_exact_schema_and_match_a_plain_loop(local_run, model_dir):
         assert list(row.top_labels)[0] == row.label and len(row.top_labels) == 3
         assert list(row.top_scores) == sorted(row.top_scores, reverse=True)
         assert row.top_scores[0] == pytest.approx(row.confidence)
-    # The fixture images are drawn from the classes in a cycle: the model should see that.
-    assert (df["label"] == [CLASSES[(frame_number(expected_sources[s][2]) + {"S01E01": 0, "S01E02": 1, "S01E03": 2}[e]) % 4]
-                            for s, e in zip(df["source"], df["episode"])]).mean() > 0.8
+    # make_dump draws frame i of the n-th episode from class (i + n) % 4: the model should see that.
+    offset = {"S01E01": 0, "S01E02": 1, "S01E03": 2}
+    drawn = [CLASSES[(frame + offset[episode]) % len(CLASSES)] for frame, episode in zip(df["frame"], df["episode"])]
+    assert (df["label"] == drawn).mean() > 0.8
 
 
 def test_one_file_per_episode_and_a_saved_summary(local_run, model_dir):
@@ -248,6 +248,15 @@ def test_predictor_bf16_channels_last_path_agrees_on_cpu(model_dir):
     assert fast_scores.dtype == np.float32 and fast_idx.shape == (32, 3)
     assert (plain_idx[:, 0] == fast_idx[:, 0]).mean() >= 0.9
     assert np.abs(plain_scores[:, 0] - fast_scores[:, 0]).max() < 0.1
+
+
+def test_predictor_refuses_weights_that_are_not_the_artifacts(model_dir, tmp_path):
+    swapped = str(tmp_path / "model")
+    shutil.copytree(model_dir, swapped)
+    torch.save(build_model("resnet18", len(CLASSES), head_hidden=64, dropout=0.0).state_dict(), os.path.join(swapped, "model.pt"))
+    model_id = json.load(open(os.path.join(model_dir, "config.json")))["model_id"]
+    with pytest.raises(UserError, match="weights changed"):
+        FramePredictor(swapped, top_k=3, expected_model_id=model_id)
 
 
 # --------------------------------------------------------------------------- S3
