@@ -1,0 +1,269 @@
+"""Running on a cluster: cluster.yaml, and jobs submitted to a real two-node Ray that loses parts.
+
+The slow tests start their own Ray cluster of two nodes on loopback (`ray start`
+twice, see cluster_fixtures.py), submit jobs/train.py and jobs/label.py with
+`ray job submit --working-dir .` exactly as the README says, read and write
+everything on the test S3 server, then kill a node, a training worker, or the S3
+endpoint while a job runs, and check that nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import uuid
+
+import numpy as np
+import pytest
+import yaml
+
+from cluster_fixtures import REPO, LocalCluster, S3Proxy
+from imagegen import class_image, encode, upload_tree, write_class_folders, write_tar
+from simpsons_ray import query, schema, storage
+
+CLUSTER_YAML = os.path.join(REPO, "cluster.yaml")
+CLASSES = ["bart", "homer", "lisa"]
+IMAGE_SIZE = 32
+# resnet18 at 32 px from scratch: seconds per epoch on 2 cores, and it still learns
+# the generated shapes well enough that a swapped label would show.
+TRAIN_FLAGS = ["--arch", "resnet18", "--weights", "none", "--image-size", str(IMAGE_SIZE), "--num-workers", "2", "--batch-size", "16"]
+
+
+# ---------------------------------------------------------------------- cluster.yaml
+@pytest.fixture(scope="module")
+def cluster_config() -> dict:
+    with open(CLUSTER_YAML) as f:
+        return yaml.safe_load(f)
+
+
+def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher(cluster_config):
+    """The schema that ships in the ray package, then the launcher's own checks on the filled-out config."""
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    with open(os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")) as f:
+        jsonschema.validate(cluster_config, json.load(f))
+    validate_config(prepare_config(copy.deepcopy(cluster_config)))
+
+
+def test_cluster_yaml_head_takes_no_work_and_workers_scale_from_zero(cluster_config):
+    types = cluster_config["available_node_types"]
+    head = types[cluster_config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and not head["resources"].get("GPU")
+    gpu = [t for t in types.values() if t["node_config"]["InstanceType"].split(".")[0] in ("g5", "g6", "g6e")]
+    assert gpu, "no g5/g6 GPU worker type"
+    for node_type in gpu:
+        assert node_type["min_workers"] == 0 and 1 <= node_type["max_workers"] <= cluster_config["max_workers"]
+        assert node_type["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    cpu = [t for n, t in types.items() if t not in gpu and n != cluster_config["head_node_type"]]
+    assert cpu and all(t["min_workers"] == 0 for t in cpu), "no CPU worker type for decoding"
+
+
+def test_cluster_yaml_gives_every_node_an_instance_profile_and_no_keys(cluster_config):
+    for name, node_type in cluster_config["available_node_types"].items():
+        arn = node_type["node_config"]["IamInstanceProfile"]["Arn"]
+        assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", arn), f"{name}: {arn}"
+    with open(CLUSTER_YAML) as f:
+        text = f.read()
+    assert not re.search(r"AWS_(SECRET_)?ACCESS_KEY|aws_access_key_id|AKIA[0-9A-Z]{16}", text)
+
+
+def test_cluster_yaml_installs_the_project_with_pyproject_ray_pin(cluster_config):
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    ray_pin = next(d for d in deps if d.startswith("ray["))
+    setup = "\n".join(cluster_config["setup_commands"])
+    assert ray_pin in setup, f"setup_commands must install {ray_pin!r} (pyproject's pin)"
+    mount = next(remote for remote, local in cluster_config["file_mounts"].items() if local == ".")
+    assert re.search(rf"pip install .*-e {re.escape(mount)}(\s|$)", setup), "setup_commands must pip install the project"
+    version = re.search(r">=(\d+\.\d+)", ray_pin).group(1)
+    images = [cluster_config["docker"]["image"], cluster_config["docker"]["head_image"]]
+    images += [t["docker"]["worker_image"] for t in cluster_config["available_node_types"].values() if "docker" in t]
+    assert all(re.search(rf":{re.escape(version)}\.\d+-py311-", image) for image in images), images
+
+
+# ------------------------------------------------------------------- a real cluster
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node (2 CPUs) and one worker node (2 CPUs), stopped after the module."""
+    local = LocalCluster(head_cpus=2, worker_cpus=2)
+    try:
+        local.start(workers=1)
+        yield local
+    finally:
+        local.stop()
+
+
+def make_frames(root: str, episodes: int, per_episode: int, seed: int = 0) -> dict[str, int]:
+    """Folder and tar episodes of generated frames; returns frames per episode."""
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for e in range(episodes):
+        eid = f"S01E{e + 1:02d}"
+        frames = {f"frame_{i:05d}.jpg": encode(class_image((i // 4) % len(CLASSES), rng, 40)) for i in range(per_episode)}
+        if e % 2:
+            write_tar(os.path.join(root, f"{eid}.tar"), frames)
+        else:
+            os.makedirs(os.path.join(root, eid))
+            for name, data in frames.items():
+                with open(os.path.join(root, eid, name), "wb") as f:
+                    f.write(data)
+        counts[eid] = per_episode
+    return counts
+
+
+def assert_one_row_per_frame(labels_uri: str, counts: dict[str, int]) -> None:
+    table = schema.labels_dataset(labels_uri).to_table(columns=["episode", "frame", "label"]).to_pandas()
+    assert table.groupby("episode").size().to_dict() == counts
+    assert not table.duplicated(["episode", "frame"]).any()
+    for eid, n in counts.items():
+        assert sorted(table.loc[table.episode == eid, "frame"]) == list(range(n))
+    assert table["label"].notna().all()
+    assert not storage.exists(storage.join(labels_uri, schema.ERRORS_DIR)), "frames were recorded as errors"
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3_server, tmp_path_factory):
+    """A bucket holding a Kaggle-layout training set and a frame dump of 4 episodes."""
+    bucket = s3_server.new_bucket()
+    client = s3_server.client()
+    root = tmp_path_factory.mktemp("cluster-data")
+    write_class_folders(str(root / "train"), CLASSES, per_class=20, size=40)
+    counts = make_frames(str(root / "frames"), episodes=4, per_episode=24)
+    return {
+        "bucket": bucket,
+        "train": upload_tree(client, bucket, str(root / "train"), "train"),
+        "frames": upload_tree(client, bucket, str(root / "frames"), "frames"),
+        "counts": counts,
+    }
+
+
+TRAIN_EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def trained(cluster, s3_data):
+    """jobs/train.py submitted to the cluster, one of its Ray Train workers SIGKILLed after epoch 2.
+
+    One training run serves both the end-to-end test and the failure test: on 2
+    cores a second run would cost more than a minute.
+    """
+    model = f"s3://{s3_data['bucket']}/models/r18"
+    job = cluster.submit(
+        "jobs/train.py", "--data", s3_data["train"], "--output", model, *TRAIN_FLAGS,
+        "--finetune-epochs", str(TRAIN_EPOCHS), "--patience", str(TRAIN_EPOCHS), "--max-failures", "2",
+        job_id=f"train-{uuid.uuid4().hex[:6]}",
+    )  # fmt: skip
+    cluster.wait_for_log(job, f"epoch   2/{TRAIN_EPOCHS}", timeout=400)
+    victims = cluster.worker_processes("RayTrainWorker")
+    if victims:
+        os.kill(victims[0], signal.SIGKILL)
+    status = cluster.wait(job, timeout=400)
+    return {"job": job, "status": status, "model": model, "logs": cluster.logs(job), "killed": victims[:1]}
+
+
+@pytest.mark.slow
+def test_train_then_label_jobs_on_two_nodes(cluster, s3_data, trained):
+    assert trained["status"] == "SUCCEEDED", trained["logs"][-5000:]
+    model = trained["model"]
+    for name in ("model.pt", "config.json", "classes.json", "metrics.json", "confusion_matrix.png", "curves.png"):
+        assert storage.is_file(storage.join(model, name)), name
+    metrics = storage.read_json(storage.join(model, "metrics.json"))
+    assert metrics["epochs_run"] == TRAIN_EPOCHS
+    assert metrics["final"]["accuracy"] >= 0.8, metrics["history"]
+
+    labels = f"s3://{s3_data['bucket']}/labels"
+    job = cluster.submit(
+        "jobs/label.py", "--model", model, "--frames", s3_data["frames"], "--output", labels, "--fps", "24",
+        job_id=f"label-{uuid.uuid4().hex[:6]}",
+    )  # fmt: skip
+    assert cluster.wait(job, timeout=300) == "SUCCEEDED", cluster.logs(job)[-5000:]
+    assert_one_row_per_frame(labels, s3_data["counts"])
+    # The labels answer questions straight from S3, as on a laptop.
+    summary = query.summary(labels)
+    assert summary.set_index("episode")["frames"].to_dict() == s3_data["counts"]
+    assert {c for c in query.screen_time(labels)["character"]} <= set(CLASSES)
+
+
+@pytest.mark.slow
+def test_bad_input_ends_failed_with_one_sentence_in_the_logs(cluster, s3_data, trained):
+    missing = f"s3://{s3_data['bucket']}/no-such-frames"
+    job = cluster.submit(
+        "jobs/label.py", "--model", trained["model"], "--frames", missing, "--output", f"s3://{s3_data['bucket']}/x",
+        job_id=f"bad-{uuid.uuid4().hex[:6]}",
+    )  # fmt: skip
+    assert cluster.wait(job, timeout=200) == "FAILED"
+    done = cluster.ray("job", "logs", "--address", cluster.address, job)
+    assert done.returncode == 0, done.stderr
+    assert f"simpsons-ray label: error: --frames {missing} does not exist" in done.stdout
+    assert "Traceback" not in done.stdout
+    status = cluster.ray("job", "status", "--address", cluster.address, job)
+    assert "failed" in (status.stdout + status.stderr).lower()
+
+
+@pytest.mark.slow
+def test_labeling_survives_losing_a_worker_node(cluster, s3_data, trained, tmp_path):
+    """A node dies with an episode in flight; the job finishes with every frame exactly once."""
+    counts = make_frames(str(tmp_path / "frames"), episodes=8, per_episode=40, seed=3)
+    frames = upload_tree(cluster_s3_client(), s3_data["bucket"], str(tmp_path / "frames"), "frames-node-loss")
+    labels = f"s3://{s3_data['bucket']}/labels-node-loss"
+    spare = cluster.add_worker()  # the node that survives alongside the head
+    victim = next(n for n in cluster.alive_workers() if n is not spare)
+    job = cluster.submit(
+        "jobs/label.py", "--model", trained["model"], "--frames", frames, "--output", labels,
+        "--num-workers", "2", "--batch-size", "8",
+        job_id=f"nodeloss-{uuid.uuid4().hex[:6]}",
+    )  # fmt: skip
+    cluster.wait_for_log(job, "committed", timeout=300)
+    assert victim.pids(), "the worker node is already gone"
+    cluster.kill_node(victim)
+    assert cluster.wait(job, timeout=400) == "SUCCEEDED", cluster.logs(job)[-5000:]
+    assert_one_row_per_frame(labels, counts)
+    runs = storage.list_files(storage.join(labels, schema.RUNS_DIR))
+    assert len(runs) == 1 and storage.read_json(runs[0].uri)["frames_labelled"] == sum(counts.values())
+
+
+@pytest.mark.slow
+def test_training_resumes_from_its_checkpoint_after_a_worker_is_killed(trained):
+    assert trained["killed"], "no Ray Train worker process was found to kill"
+    assert trained["status"] == "SUCCEEDED", trained["logs"][-5000:]
+    # Killed once epoch 2 was logged, so at least epoch 1's checkpoint had been reported.
+    resumed = [int(m) for m in re.findall(r"resuming from epoch (\d+)", trained["logs"])]
+    assert resumed and resumed[0] >= 1, trained["logs"][-5000:]
+    metrics = storage.read_json(storage.join(trained["model"], "metrics.json"))
+    # Every epoch exactly once in the history: the epochs before the kill came back
+    # from the checkpoint instead of being run again.
+    assert [row["epoch"] for row in metrics["history"]] == list(range(1, TRAIN_EPOCHS + 1))
+
+
+@pytest.mark.slow
+def test_labeling_rides_out_an_s3_outage(cluster, s3_server, s3_data, trained, tmp_path):
+    """The S3 endpoint resets every connection for a few seconds mid-run; retries carry the job through."""
+    counts = make_frames(str(tmp_path / "frames"), episodes=6, per_episode=40, seed=5)
+    frames = upload_tree(cluster_s3_client(), s3_data["bucket"], str(tmp_path / "frames"), "frames-outage")
+    labels = f"s3://{s3_data['bucket']}/labels-outage"
+    proxy = S3Proxy(s3_server.port)
+    try:
+        job = cluster.submit(
+            "jobs/label.py", "--model", trained["model"], "--frames", frames, "--output", labels, "--batch-size", "8",
+            job_id=f"outage-{uuid.uuid4().hex[:6]}", env_vars={"AWS_ENDPOINT_URL": proxy.endpoint},
+        )  # fmt: skip
+        cluster.wait_for_log(job, "to do", timeout=300)
+        proxy.outage(seconds=4)
+        assert cluster.wait(job, timeout=400) == "SUCCEEDED", cluster.logs(job)[-5000:]
+        assert proxy.refused > 0, "the job made no S3 request during the outage, so the test proved nothing"
+    finally:
+        proxy.close()
+    assert_one_row_per_frame(labels, counts)
+
+
+def cluster_s3_client():
+    import boto3
+
+    return boto3.client("s3")
