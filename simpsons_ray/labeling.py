@@ -489,6 +489,7 @@ def label(config: LabelConfig) -> dict[str, Any]:
         len(episodes), config.frames_uri, len(skipped), settings.model_id, len(todo),
     )
     if todo:
+        _check_weights(config.model_uri, model_config, settings.model_id)
         _ensure_ray()
         _check_resources(config)
     # Anything an interrupted run left behind: temp files, and rows or errors of
@@ -546,9 +547,23 @@ def _model_id(model_uri: str, model_config: dict[str, Any]) -> str:
     """The artifact's id of its weights; hashed from model.pt when an older config lacks it."""
     if model_config.get("model_id"):
         return str(model_config["model_id"])
+    return _weights_id(model_uri, model_config)
+
+
+def _weights_id(model_uri: str, model_config: dict[str, Any]) -> str:
     from simpsons_ray.model import WEIGHTS_FILE, weights_id
 
     return weights_id(storage.read_bytes(storage.join(model_uri, WEIGHTS_FILE)), model_config["arch"])
+
+
+def _check_weights(model_uri: str, model_config: dict[str, Any], model_id: str) -> None:
+    """Fail before any work when model.pt is not the weights config.json names (every row carries that id)."""
+    actual = _weights_id(model_uri, model_config)
+    if actual != model_id:
+        raise UserError(
+            f"{model_uri}/model.pt is {actual} but its config.json says {model_id}: "
+            "the weights changed after the artifact was saved; save the model again."
+        )
 
 
 def _split_done(

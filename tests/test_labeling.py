@@ -250,12 +250,15 @@ def test_predictor_bf16_channels_last_path_agrees_on_cpu(model_dir):
     assert np.abs(plain_scores[:, 0] - fast_scores[:, 0]).max() < 0.1
 
 
-def test_predictor_refuses_weights_that_are_not_the_artifacts(model_dir, tmp_path):
+def test_weights_that_are_not_the_artifacts_are_refused(model_dir, local_run, tmp_path):
     swapped = str(tmp_path / "model")
     shutil.copytree(model_dir, swapped)
     torch.save(build_model("resnet18", len(CLASSES), head_hidden=64, dropout=0.0).state_dict(), os.path.join(swapped, "model.pt"))
     model_id = json.load(open(os.path.join(model_dir, "config.json")))["model_id"]
     with pytest.raises(UserError, match="weights changed"):
+        label(LabelConfig(model_uri=swapped, frames_uri=local_run["frames"], output_uri=str(tmp_path / "out")))
+    assert not os.path.exists(tmp_path / "out" / "episode=S01E01")
+    with pytest.raises(UserError, match="weights changed"):  # and in the actor, should they change mid-run
         FramePredictor(swapped, top_k=3, expected_model_id=model_id)
 
 
