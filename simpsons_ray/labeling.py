@@ -53,9 +53,9 @@ LABELS_FILE = "part-0.parquet"
 # A folder episode is read by tasks of this many files, so one long episode still
 # spreads over every CPU; an archive is one stream and so one task.
 FRAMES_PER_READ_TASK = 1024
-# Rows per block leaving a read task: ~16 MiB of normalised float32 images per
-# block keeps blocks well under Ray Data's 128 MiB target whatever the image size,
-# and few enough blocks that per-block overhead stays small.
+# Rows per block through decode and predict: ~16 MiB of normalised float32 images
+# per block keeps blocks well under Ray Data's 128 MiB target whatever the image
+# size, and few enough blocks that per-block overhead stays small.
 BLOCK_BYTES = 16 * 1024 * 1024
 MAX_ROWS_PER_BLOCK = 256
 # Rows per Parquet row group: a handful of row groups per 30,000-frame episode.
