@@ -98,6 +98,12 @@ class RayNode:
     def pids(self) -> list[int]:
         return process_tree(processes_mentioning(self.temp_dir + "/"))
 
+    def busy_workers(self) -> list[str]:
+        """Titles of the node's Ray workers that run a task or an actor (``ray::<name>``)."""
+        idle = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+        titles = [_cmdline(p).strip() for p in self.pids()]
+        return [t for t in titles if t.startswith("ray::") and not t.startswith(idle)]
+
     def kill(self) -> None:
         """SIGKILL every process of the node at once, as when the machine goes away."""
         _signal_all(self.pids(), signal.SIGKILL)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import time
 import uuid
 
 import numpy as np
@@ -221,7 +222,12 @@ def test_labeling_survives_losing_a_worker_node(cluster, s3_data, trained, tmp_p
         job_id=f"nodeloss-{uuid.uuid4().hex[:6]}",
     )  # fmt: skip
     cluster.wait_for_log(job, "committed", timeout=300)
-    assert victim.pids(), "the worker node is already gone"
+    # Kill the node while it holds part of the job (a read, decode or predictor worker).
+    deadline = time.monotonic() + 60
+    while not victim.busy_workers() and time.monotonic() < deadline and cluster.status(job) == "RUNNING":
+        time.sleep(0.2)
+    busy = victim.busy_workers()
+    assert busy, "the worker node never ran part of the labeling job"
     cluster.kill_node(victim)
     assert cluster.wait(job, timeout=400) == "SUCCEEDED", cluster.logs(job)[-5000:]
     assert_one_row_per_frame(labels, counts)
