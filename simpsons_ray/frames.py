@@ -85,6 +85,8 @@ def list_episodes(frames_uri: str, episodes: Sequence[str] = ()) -> list[Episode
     Raises UserError, before any work, for a missing path, a dump with no episodes,
     an episode that is both a folder and an archive, or an unknown ``episodes`` id.
     """
+    # Sources in the labels must name their file from any working directory.
+    frames_uri = storage.absolute(frames_uri)
     if not storage.exists(frames_uri):
         raise UserError(f"--frames {frames_uri} does not exist: give the folder (local or s3://) that holds the episodes.")
     if storage.is_file(frames_uri):

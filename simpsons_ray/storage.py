@@ -69,6 +69,11 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
     return path
 
 
+def absolute(uri: str) -> str:
+    """The same location as a full URI: a relative local path becomes absolute."""
+    return to_uri(*resolve(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path segments onto a URI with forward slashes (or os.sep locally)."""
     if is_remote(uri):

@@ -172,6 +172,14 @@ def test_list_episodes_folders_archives_and_filter(tmp_path):
         list_episodes(str(tmp_path))
 
 
+def test_sources_are_absolute_whatever_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "dump" / "S01E01").mkdir(parents=True)
+    write_tar(str(tmp_path / "dump" / "S01E02.tar"), {})
+    monkeypatch.chdir(tmp_path)
+    uris = [e.uri for e in list_episodes("dump")]
+    assert uris == [str(tmp_path / "dump" / "S01E01"), str(tmp_path / "dump" / "S01E02.tar")]
+
+
 # ------------------------------------------------------------------------ happy path
 def test_labels_have_exact_schema_and_match_a_plain_loop(local_run, model_dir):
     output, dump = local_run["output"], local_run["dump"]
