@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 # torchvision's ImageNet statistics (the ones the IMAGENET1K weights were trained with).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,6 +72,9 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        # PIL's own message names the BytesIO object's address, different every run.
+        raise ImageDecodeError("cannot decode image: not a recognised image format") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
         raise ImageDecodeError(f"cannot decode image: {exc}") from None
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
