@@ -275,18 +275,24 @@ class S3Proxy:
         self._down = threading.Event()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
-        self.refused = 0  # connections reset during outages
+        self.refused = 0  # sockets reset during outages, new connections and open ones
         self.proxied = 0
         self._closed = False
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
     @staticmethod
     def _reset(sock: socket.socket) -> None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            sock.close()
-        except OSError:
-            pass
+        # shutdown() first: a bare close() leaves the connection up while a pump
+        # thread is blocked in recv() on it, and the client would wait on a black hole.
+        for step in (
+            lambda: sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"),
+            lambda: sock.shutdown(socket.SHUT_RDWR),
+            sock.close,
+        ):
+            try:
+                step()
+            except OSError:
+                pass
 
     def _accept_loop(self) -> None:
         while not self._closed:
