@@ -145,8 +145,11 @@ def _read_entry(entry: storage.Entry) -> RawFrame:
         return RawFrame(entry.uri, number, b"", f"file of {entry.size:,} bytes exceeds the {MAX_FRAME_BYTES:,}-byte frame limit")
     try:
         return RawFrame(entry.uri, number, storage.read_bytes(entry.uri), "")
-    except OSError as exc:  # vanished since listing, no permission...
+    except (FileNotFoundError, PermissionError) as exc:  # vanished since listing, no permission
         return RawFrame(entry.uri, number, b"", f"cannot read file: {_first_line(exc)}")
+    # Any other OSError (storage unreachable after the S3 client's retries) fails the
+    # read task: Ray Data retries it, and a job that still fails is resumed by a
+    # rerun. Recording it as an error row would make a passing outage permanent.
 
 
 def iter_folder_frames(entries: Iterable[storage.Entry], window: int = 256) -> Iterator[RawFrame]:

@@ -674,7 +674,10 @@ def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: Prepr
         # Each CPU actor may use its share of the cluster's cores for the forward pass.
         threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
         predictor_args = {"device": "cpu", "cpu_threads": threads}
-        resources = {"num_cpus": CPU_PREDICTOR_CPUS}
+        # Decode tasks share the cores with the forward pass. OpenMP threads that
+        # spin while waiting lose their time slices to them; passive waiting took
+        # the 2-core pipeline from ~310 to ~465 frames/s (bench/bench_label.py).
+        resources = {"num_cpus": CPU_PREDICTOR_CPUS, "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
     return dataset.map_batches(
         FramePredictor,
         fn_constructor_kwargs={"model_uri": config.model_uri, "top_k": config.top_k, "expected_model_id": model_id, **predictor_args},
