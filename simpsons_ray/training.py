@@ -262,6 +262,23 @@ class TrainState:
         return cls(**torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
 
+def newest_stored_state(output_uri: str) -> TrainState | None:
+    """The newest readable checkpoint under OUTPUT/_train/, or None.
+
+    Ray Train registers a reported checkpoint only at its next poll of the
+    workers (every 2 s), so a worker that dies right after reporting can restart
+    with get_checkpoint() None although the checkpoint is already in storage.
+    """
+    root = storage.join(output_uri, CHECKPOINT_RUN_NAME)
+    names = sorted((n for n, is_dir in storage.list_dir(root) if is_dir and n.startswith("checkpoint_")), reverse=True)
+    for name in names:  # names carry their timestamp, so newest sorts first
+        try:
+            return TrainState.from_bytes(storage.read_bytes(storage.join(root, name, STATE_FILE)))
+        except Exception:  # an upload cut short by the failure: try the one before
+            continue
+    return None
+
+
 def _cpu_state(module: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
@@ -306,6 +323,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             with open(os.path.join(directory, STATE_FILE), "rb") as f:
                 state = TrainState.from_bytes(f.read())
+    else:
+        state = newest_stored_state(config.output_uri) or state
+    if state.model is not None:
         model.load_state_dict(state.model)
         if rank == 0:
             _say(f"resuming from epoch {state.epoch} (phase {state.phase_index + 1}, best val_loss {state.best_loss:.4f})")

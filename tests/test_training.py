@@ -384,3 +384,16 @@ def test_one_epoch_on_cuda_uses_bf16_and_channels_last():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     stats = train_one_epoch(model, batches, optimizer, torch.device("cuda"), PreprocessConfig(image_size=32))
     assert stats.count == 8 and np.isfinite(stats.loss)
+
+
+def test_newest_stored_checkpoint_is_found_when_ray_has_not_registered_it(tmp_path):
+    from simpsons_ray.training import TrainState, newest_stored_state
+
+    assert newest_stored_state(str(tmp_path)) is None
+    for name, epoch in (("checkpoint_2026-01-01_10-00-00.000001", 1), ("checkpoint_2026-01-01_10-00-05.000001", 2)):
+        (tmp_path / "_train" / name).mkdir(parents=True)
+        (tmp_path / "_train" / name / "state.pt").write_bytes(TrainState(epoch=epoch, history=[]).to_bytes())
+    cut = tmp_path / "_train" / "checkpoint_2026-01-01_10-00-09.000001"
+    cut.mkdir()
+    (cut / "state.pt").write_bytes(b"half an upload")
+    assert newest_stored_state(str(tmp_path)).epoch == 2
