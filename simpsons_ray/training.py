@@ -482,12 +482,11 @@ def _drop_unreadable(decoded, what: str) -> tuple[Any, list[dict[str, str]]]:
 
 # --------------------------------------------------------------------------- driver
 def _check_inputs(config: TrainConfig) -> None:
-    plan_phases(config)
     if config.weights not in ("none", "imagenet") and not storage.exists(config.weights):
         raise UserError(f"--weights {config.weights} does not exist: give a state dict path or URI, 'imagenet' or 'none'.")
     if not plan_phases(config):
         raise UserError("Nothing to train: --frozen-epochs and --finetune-epochs are both 0.")
-    build_model(config.arch, 2)  # unknown --arch -> one sentence now, not on the workers
+    # An unknown --arch or --unfreeze stage -> one sentence now, not on the workers.
     set_trainable(build_model(config.arch, 2), config.unfreeze)
     storage.check_writable(config.output_uri, "model artifact")
 
