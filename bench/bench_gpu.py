@@ -91,6 +91,18 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def items_per_s(step, device, steps: int, warmup: int, items_per_step: int) -> float:
+    """Rate of ``step()`` after ``warmup`` untimed calls; synchronises so GPU work is counted."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * items_per_step / (time.perf_counter() - start)
+
+
 # -------------------------------------------------------------------------- 1. label
 def bench_label(args, device, jpegs, workdir) -> list[tuple[str, float, str]]:
     import ray
@@ -116,14 +128,7 @@ def bench_label(args, device, jpegs, workdir) -> list[tuple[str, float, str]]:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=predictor.mixed_precision):
             predictor.model(x).float().softmax(1).topk(3, dim=1)
 
-    for _ in range(3):
-        forward()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        forward()
-    sync(device)
-    model_only = steps * args.batch_size / (time.perf_counter() - start)
+    model_only = items_per_s(forward, device, steps, warmup=3, items_per_step=args.batch_size)
     del predictor, x
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -227,14 +232,7 @@ def bench_train(args, device) -> list[tuple[str, float, str]]:
         optimizer.step()
         return loss.item()
 
-    for _ in range(warmup):
-        plain_step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        plain_step()
-    sync(device)
-    plain_rate = steps * n / (time.perf_counter() - start)
+    plain_rate = items_per_s(plain_step, device, steps, warmup, items_per_step=n)
     del model, optimizer, x
     if device.type == "cuda":
         torch.cuda.empty_cache()
