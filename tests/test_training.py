@@ -28,6 +28,7 @@ from simpsons_ray.model import (
     set_trainable,
 )
 from simpsons_ray.preprocess import (
+    AugmentConfig,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDecodeError,
@@ -37,7 +38,7 @@ from simpsons_ray.preprocess import (
     load_resized,
     normalize,
 )
-from simpsons_ray.training import EarlyStopping, TrainConfig, plan_phases, train_one_epoch
+from simpsons_ray.training import AugmentingCollate, EarlyStopping, TrainConfig, plan_phases, train_one_epoch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["apu_nahasapeemapetilon", "bart_simpson", "homer_simpson", "lisa_simpson"]
@@ -236,6 +237,13 @@ def test_eval_preprocessing_matches_torchvision_and_augmentation_varies():
     outs = [augment(base) for _ in range(4)]
     assert all(o.shape == (32, 32, 3) and o.dtype == np.uint8 for o in outs)
     assert any(not np.array_equal(o, base) for o in outs)
+
+    # The batch form the training workers use: tensors out, labels untouched.
+    collate = AugmentingCollate(AugmentConfig())
+    batch = collate({"image": np.stack([base] * 8), "label": np.arange(8, dtype=np.int64)})
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 32, 32, 3)
+    assert batch["label"].tolist() == list(range(8))
+    assert any(not np.array_equal(img, base) for img in batch["image"].numpy())
 
 
 def test_metrics_match_a_hand_count():
