@@ -5,9 +5,11 @@ Builds frame dumps from real frames (../shared/data/simpsons-mnist/train by defa
 ``--frames-per-episode``. Then, on the same machine and the same frames:
 
 - model only: the forward pass alone on pre-decoded, pre-normalised tensors at
-  ``--batch-size`` (the ceiling for any pipeline on this hardware);
+  ``--batch-size``, of the model exactly as the predictor runs it (BatchNorm
+  folded, channels_last; bf16 on GPU): the ceiling for the pipeline on this hardware;
 - plain loop: one process reading the same folders and tars, PIL decode,
-  torchvision Resize/ToTensor/Normalize, batches of ``--batch-size``, forward;
+  torchvision Resize/ToTensor/Normalize, batches of ``--batch-size``, forward of
+  the model as loaded (the straightforward way: no folding, default layout);
 - pipeline: ``simpsons_ray.labeling.label`` (what ``simpsons-ray label`` runs) on a
   fresh local Ray with all the machine's CPUs, at 1x and 10x. Its wall time counts
   from the call to the last committed episode (actor start-up included, Ray's own
@@ -104,23 +106,30 @@ def iter_dump(root: str):
 
 # --------------------------------------------------------------------- baselines
 def bench_model_only(model_dir: str, frames_dir: str, batch_size: int, device: str) -> float:
-    """Frames/s of the forward pass alone on pre-decoded tensors."""
+    """Frames/s of the forward pass alone on pre-decoded tensors.
+
+    The model is the one the pipeline's predictor runs (BatchNorm folded,
+    channels_last, bf16 autocast on CUDA), taken from a FramePredictor, so this is
+    the ceiling of the pipeline on this hardware, not of a slower model.
+    """
     from PIL import Image
     from torchvision import transforms
 
-    artifact = load_artifact(model_dir, device)
-    size = artifact.preprocess.image_size
-    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(artifact.preprocess.mean, artifact.preprocess.std)])
+    from simpsons_ray.labeling import FramePredictor
+
+    predictor = FramePredictor(model_dir, top_k=3, device=device, cpu_threads=os.cpu_count())
+    preprocess = load_artifact(model_dir).preprocess
+    size = preprocess.image_size
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(preprocess.mean, preprocess.std)])
     x = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in iter_dump(frames_dir)])
-    batches = list(torch.split(x, batch_size))
-    fast = device == "cuda"
-    model = artifact.model.to(memory_format=torch.channels_last) if fast else artifact.model
-    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=fast):
-        model(batches[0].to(device))  # warm-up: kernels chosen, caches filled
+    memory_format = torch.channels_last if predictor.channels_last else torch.contiguous_format
+    batches = [b.to(device).contiguous(memory_format=memory_format) for b in torch.split(x, batch_size)]
+    with torch.inference_mode(), torch.autocast(predictor.device.type, dtype=torch.bfloat16, enabled=predictor.mixed_precision):
+        predictor.model(batches[0])  # warm-up: kernels chosen, caches filled
         _sync(device)
         start = time.perf_counter()
         for batch in batches:
-            model(batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last if fast else torch.contiguous_format))
+            predictor.model(batch)
         _sync(device)
     return len(x) / (time.perf_counter() - start)
 

@@ -14,11 +14,16 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it: Ray's read and decode
+# workers import this module, and without torch they start seconds sooner.
 
 # torchvision's ImageNet statistics (the ones the IMAGENET1K weights were trained with).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -99,8 +104,10 @@ def load_resized(data: bytes, image_size: int) -> np.ndarray:
     return resize(decode_rgb(data), image_size)
 
 
-def normalize(images: np.ndarray | torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+def normalize(images: "np.ndarray | torch.Tensor", config: PreprocessConfig) -> "torch.Tensor":
     """uint8 NHWC (or a single HWC) -> float32 NCHW, scaled to [0, 1] then mean/std."""
+    import torch
+
     batch = torch.as_tensor(images)
     if batch.ndim == 3:
         batch = batch.unsqueeze(0)
@@ -108,6 +115,16 @@ def normalize(images: np.ndarray | torch.Tensor, config: PreprocessConfig) -> to
     mean = torch.tensor(config.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
     std = torch.tensor(config.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
     return batch.sub_(mean).div_(std).contiguous()
+
+
+def normalize_array(images: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """:func:`normalize` in NumPy, for workers without torch: the same float32 operations, the same bits."""
+    batch = images[np.newaxis] if images.ndim == 3 else images
+    out = batch.transpose(0, 3, 1, 2).astype(np.float32)
+    out /= np.float32(255.0)
+    out -= np.asarray(config.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    out /= np.asarray(config.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray(out)
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,8 @@ class TrainAugment:
         self._transform = v2.Compose(ops)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
+        import torch
+
         chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         return self._transform(chw).permute(1, 2, 0).numpy()
 

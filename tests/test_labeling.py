@@ -30,7 +30,7 @@ from simpsons_ray import schema
 from simpsons_ray.errors import UserError
 from simpsons_ray.frames import frame_number, list_episodes
 from simpsons_ray.labeling import FramePredictor, LabelConfig, label
-from simpsons_ray.model import build_model, load_artifact, save_artifact
+from simpsons_ray.model import build_model, fold_batchnorm, load_artifact, save_artifact
 from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,20 +242,54 @@ def test_rerun_is_a_no_op(local_run, model_dir):
     assert label_files(output) == before
 
 
-def test_predictor_bf16_channels_last_path_agrees_on_cpu(model_dir):
-    """The GPU settings (bf16 autocast, channels_last), exercised on CPU against fp32."""
+def test_predictor_fast_paths_agree_with_the_plain_model_on_cpu(model_dir):
+    """Folded BatchNorm and channels_last (the defaults), and bf16 autocast (the GPU setting), against plain fp32."""
     rng = np.random.default_rng(5)
     config = PreprocessConfig(image_size=IMAGE_SIZE)
     x = normalize(np.stack([load_resized(frame_bytes(rng, i), IMAGE_SIZE) for i in range(32)]), config).numpy()
-    plain = FramePredictor(model_dir, top_k=3, device="cpu")
-    fast = FramePredictor(model_dir, top_k=3, device="cpu", mixed_precision=True, channels_last=True)
-    assert not plain.mixed_precision and not plain.channels_last
-    assert fast.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    plain_scores, plain_idx = plain.predict(x)
-    fast_scores, fast_idx = fast.predict(x)
-    assert fast_scores.dtype == np.float32 and fast_idx.shape == (32, 3)
-    assert (plain_idx[:, 0] == fast_idx[:, 0]).mean() >= 0.9
-    assert np.abs(plain_scores[:, 0] - fast_scores[:, 0]).max() < 0.1
+    with torch.inference_mode():
+        reference = load_artifact(model_dir).model(torch.from_numpy(x)).softmax(1)
+    ref_scores, ref_idx = (t.numpy() for t in reference.topk(3, dim=1))
+
+    default = FramePredictor(model_dir, top_k=3, device="cpu")
+    assert default.channels_last and not default.mixed_precision
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in default.model.modules())
+    assert default.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    scores, idx = default.predict(x)
+    assert scores.dtype == np.float32 and idx.shape == (32, 3)
+    np.testing.assert_array_equal(idx[:, 0], ref_idx[:, 0])
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+
+    bf16 = FramePredictor(model_dir, top_k=3, device="cpu", mixed_precision=True)
+    bf16_scores, bf16_idx = bf16.predict(x)
+    assert (bf16_idx[:, 0] == ref_idx[:, 0]).mean() >= 0.9
+    assert np.abs(bf16_scores[:, 0] - ref_scores[:, 0]).max() < 0.1
+
+
+def test_read_and_decode_tasks_do_not_import_torch():
+    """Ray starts a process for them; without torch it starts seconds sooner."""
+    code = "import sys, simpsons_ray.ingest; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_folding_batchnorm_keeps_the_outputs(tmp_path):
+    """Both block types (resnet18's BasicBlock, resnet50's Bottleneck) with non-trivial BN statistics."""
+    torch.manual_seed(0)
+    for arch in ("resnet18", "resnet50"):
+        model = build_model(arch, 5).eval()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+        folded = fold_batchnorm(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+        x = torch.randn(2, 3, 48, 48)
+        with torch.inference_mode():
+            torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 def test_weights_that_are_not_the_artifacts_are_refused(model_dir, local_run, tmp_path):
@@ -452,7 +486,8 @@ def test_killed_run_resumes_with_exactly_one_row_per_frame(ray_session, model_di
     frames_dir.mkdir()
     expected = set()
     for e in range(8):
-        members = {f"f/{i:05d}.jpg": frame_bytes(rng, i) for i in range(40)}
+        # 300 frames: more than one decode batch per archive, so that episodes commit one by one.
+        members = {f"f/{i:05d}.jpg": frame_bytes(rng, i) for i in range(300)}
         write_tar(str(frames_dir / f"E{e}.tar"), members)
         expected |= {f"{frames_dir / f'E{e}.tar'}#{m}" for m in members}
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}

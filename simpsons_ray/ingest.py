@@ -1,0 +1,160 @@
+"""The CPU side of labeling: read tasks and decode tasks, without torch.
+
+Ray starts a worker process for these tasks and imports this module there.
+Nothing here imports torch or torchvision (about 2 s of a worker's start on a
+small machine, paid again by every new worker), so the first frames reach the
+predictor sooner; the predictor actors, which need torch anyway, live in
+``labeling.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from simpsons_ray import frames as frames_lib
+from simpsons_ray import storage
+from simpsons_ray.preprocess import ImageDecodeError, PreprocessConfig, load_resized, normalize_array
+
+# A folder episode is read by tasks of this many files, so one long episode still
+# spreads over every CPU; an archive is one stream and so one task.
+FRAMES_PER_READ_TASK = 1024
+# The largest block of the labeling pipeline (Ray Data's default is 128 MiB), and
+# the rows per decode batch: ~16 MiB of normalised float32 images whatever the
+# image size. Small enough that one archive's frames spread over many decode
+# tasks, large enough that per-block overhead stays small.
+BLOCK_BYTES = 16 * 1024 * 1024
+MAX_ROWS_PER_BLOCK = 256
+
+
+# ----------------------------------------------------------------------------- read
+@dataclass(frozen=True)
+class ReadSpec:
+    """One read task: a whole archive, or a chunk of a folder's files."""
+
+    task_id: int
+    episode_id: str
+    archive_uri: str | None = None
+    entries: tuple[storage.Entry, ...] = ()
+    empty_reason: str = ""  # the error row to emit when the task yields no frame
+
+
+READ_BLOCK_SCHEMA = pa.schema(
+    [
+        ("episode", pa.string()),
+        ("task", pa.int64()),
+        ("task_end", pa.int64()),  # on a task's last row: how many rows it produced; else 0
+        ("source", pa.string()),
+        ("frame", pa.int64()),
+        ("data", pa.binary()),
+        ("error", pa.string()),  # "" for a readable frame
+    ]
+)
+
+
+def plan_read_tasks(episodes: list[frames_lib.Episode], frames_per_task: int) -> list[ReadSpec]:
+    """Split episodes into read tasks: one per archive, one per chunk of a folder."""
+    specs: list[ReadSpec] = []
+    for episode in episodes:
+        if episode.kind == frames_lib.ARCHIVE:
+            specs.append(ReadSpec(len(specs), episode.episode_id, archive_uri=episode.uri, empty_reason="empty archive: no frames"))
+            continue
+        entries = frames_lib.list_folder_frames(episode)
+        if not entries:
+            specs.append(ReadSpec(len(specs), episode.episode_id, empty_reason="empty folder: no frames"))
+        for start in range(0, len(entries), frames_per_task):
+            specs.append(ReadSpec(len(specs), episode.episode_id, entries=tuple(entries[start : start + frames_per_task])))
+    return specs
+
+
+def rows_per_block(image_size: int) -> int:
+    """Rows per block so that a block of normalised images stays near BLOCK_BYTES."""
+    return int(max(8, min(MAX_ROWS_PER_BLOCK, BLOCK_BYTES // (3 * image_size * image_size * 4))))
+
+
+def read_frames(spec: ReadSpec, block_rows: int) -> Iterator[pa.Table]:
+    """Yield the task's frames as blocks of ``block_rows``; the last row carries the count."""
+    if spec.archive_uri is not None:
+        rows = frames_lib.iter_archive_frames(spec.archive_uri)
+        empty_source = spec.archive_uri
+    else:
+        rows = frames_lib.iter_folder_frames(spec.entries)
+        empty_source = spec.entries[0].uri if spec.entries else ""
+    total = 0
+    pending: list[frames_lib.RawFrame] = []
+    for row in rows:
+        pending.append(row)
+        # Hold one row back: the task's last row must go out in the last block.
+        if len(pending) > block_rows:
+            yield _block(spec, pending[:block_rows], 0)
+            total += block_rows
+            pending = pending[block_rows:]
+    if not pending and total == 0:
+        pending = [frames_lib.RawFrame(empty_source, -1, b"", spec.empty_reason or "no frames")]
+    total += len(pending)
+    yield _block(spec, pending, total)
+
+
+def _block(spec: ReadSpec, rows: list[frames_lib.RawFrame], task_end: int) -> pa.Table:
+    n = len(rows)
+    ends = [0] * n
+    ends[-1] = task_end
+    return pa.Table.from_arrays(
+        [
+            pa.array([spec.episode_id] * n, pa.string()),
+            pa.array([spec.task_id] * n, pa.int64()),
+            pa.array(ends, pa.int64()),
+            pa.array([r.source for r in rows], pa.string()),
+            pa.array([r.frame for r in rows], pa.int64()),
+            pa.array([r.data for r in rows], pa.binary()),
+            pa.array([r.error for r in rows], pa.string()),
+        ],
+        schema=READ_BLOCK_SCHEMA,
+    )
+
+
+def frame_dump_datasource(specs: list[ReadSpec], block_rows: int):
+    """A Ray Data datasource with one read task per ReadSpec (built lazily: Ray is imported here)."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class FrameDumpDatasource(Datasource):
+        def get_name(self) -> str:
+            return "FrameDump"
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+            # One task per spec whatever `parallelism` asks: a tar stream can't be split,
+            # and folder chunks are already sized for it.
+            tasks = []
+            for spec in specs:
+                rows = len(spec.entries) if spec.archive_uri is None else None
+                meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=None)
+                tasks.append(ReadTask(lambda spec=spec: read_frames(spec, block_rows), meta, schema=READ_BLOCK_SCHEMA))
+            return tasks
+
+    return FrameDumpDatasource()
+
+
+# --------------------------------------------------------------------------- decode
+def decode_frames(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
+    """Raw bytes -> normalised float32 NCHW images; a frame that won't decode becomes an error."""
+    size = preprocess.image_size
+    errors = np.array(batch["error"], dtype=object)
+    pixels = np.zeros((len(errors), size, size, 3), dtype=np.uint8)
+    for i, data in enumerate(batch["data"]):
+        if errors[i]:
+            continue
+        try:
+            pixels[i] = load_resized(data, size)
+        except ImageDecodeError as exc:
+            errors[i] = str(exc)
+    out = {k: batch[k] for k in ("episode", "task", "task_end", "source", "frame")}
+    out["error"] = errors
+    out["image"] = normalize_array(pixels, preprocess)
+    return out
