@@ -16,12 +16,12 @@ Builds frame dumps from real frames (../shared/data/simpsons-mnist/train by defa
   start excluded).
 
 The baselines run before and after the pipeline, and the faster of each is kept.
-Peak memory is the resident set of the whole process tree (this process, Ray's
-GCS, raylet and every worker), sampled every 0.2 s while the pipeline runs; shared
-object-store pages are counted in every process that maps them, so it over-counts,
-but the same way at 1x and 10x.
+Peak memory is the proportional set size (PSS) of the whole process tree (this
+process, Ray's GCS, raylet and every worker), sampled every 0.2 s while the
+pipeline runs: shared object-store pages are split between the processes that
+map them, so they are counted once.
 
-    python bench/bench_label.py                       # 4 episodes x 2,000 frames, and x 20,000
+    python bench/bench_label.py                       # 4 episodes x 5,000 frames, and x 50,000
     python bench/bench_label.py --quick               # a smoke run: 2 episodes x 150 frames, and x 1,500
     python bench/bench_label.py --arch resnet50 --image-size 224 --gpu   # on a GPU machine
 """
@@ -164,7 +164,12 @@ def _sync(device: str) -> None:
 
 # ---------------------------------------------------------------------- pipeline
 class TreeMemory:
-    """Peak summed RSS of this process and all its descendants, sampled in a thread."""
+    """Peak summed PSS of this process and all its descendants, sampled in a thread.
+
+    PSS (proportional set size) splits each shared page between the processes
+    that map it, so Ray's shared-memory object store is counted once, not once
+    per worker that reads from it (summed RSS counts it in every one).
+    """
 
     def __init__(self, every_s: float = 0.2):
         import psutil
@@ -179,7 +184,7 @@ class TreeMemory:
         total = 0
         for p in [me, *me.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                total += p.memory_full_info().pss
             except self._psutil.Error:
                 pass
         return total
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, help="source frames, ROOT/<character>/*.jpg (default %(default)s)")
     parser.add_argument("--frames-dir", default=os.path.join(tempfile.gettempdir(), "simpsons-ray-bench-label"), help="where the dumps and labels go (default %(default)s)")
     parser.add_argument("--episodes", type=int, default=4, help="episodes per dump, half folders, half tars (default %(default)s)")
-    parser.add_argument("--frames-per-episode", type=int, default=2000, help="frames per episode at 1x (default %(default)s)")
+    parser.add_argument("--frames-per-episode", type=int, default=5000, help="frames per episode at 1x (default %(default)s)")
     parser.add_argument("--scale", type=int, default=10, help="the second, bigger dump is this many times 1x (default %(default)s)")
     parser.add_argument("--arch", default="resnet18", help="model architecture (default %(default)s)")
     parser.add_argument("--image-size", type=int, default=64, help="model input size (default %(default)s)")
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     model_fps, plain_fps = max(model_fps, model_again), max(plain_fps, plain_again)
 
     print()
-    print(f"{'':24}{'frames':>9}{'frames/s':>11}{'vs model':>10}{'vs plain':>10}{'peak RSS':>11}")
+    print(f"{'':24}{'frames':>9}{'frames/s':>11}{'vs model':>10}{'vs plain':>10}{'peak PSS':>11}")
     print(f"{'model only (a)':24}{n1:>9,}{model_fps:>11.1f}{1.0:>10.2f}{model_fps / plain_fps:>10.2f}{'':>11}")
     print(f"{'plain loop (b)':24}{n1:>9,}{plain_fps:>11.1f}{plain_fps / model_fps:>10.2f}{1.0:>10.2f}{'':>11}")
     for name, n, fps, peak, _ in rows:

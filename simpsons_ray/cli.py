@@ -172,7 +172,8 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=_positive_float, default=C.fps, help="frames per second, for timestamp_s = frame / fps (default: no timestamps)")
     p.add_argument("--episodes", nargs="+", default=[], metavar="ID", help="label only these episode ids (space- or comma-separated)")
     p.add_argument("--batch-size", type=_positive_int, default=C.batch_size, help="frames per forward pass (default %(default)s)")
-    p.add_argument("--num-workers", type=_positive_int, default=C.num_workers, help="predictor actors, one GPU each with --gpu (default %(default)s)")
+    p.add_argument("--num-workers", type=_positive_int, default=C.num_workers,
+                   help="predictor actors, one GPU each with --gpu (default: 1 with --gpu, else one single-threaded actor per CPU)")
     p.add_argument("--gpu", action="store_true", help="run the model on GPUs (bf16 autocast, channels_last)")
     p.add_argument("--min-confidence", type=_probability, default=C.min_confidence, help="label is null below this top-1 probability (default %(default)s)")
     p.add_argument("--top-k", type=_positive_int, default=C.top_k, help="labels and scores kept per frame (default %(default)s)")

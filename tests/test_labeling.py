@@ -7,6 +7,7 @@ Parquet are checked against the same model run in a plain PIL + torchvision loop
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -29,7 +30,7 @@ from imagegen import class_image, encode, upload_tree, write_tar
 from simpsons_ray import schema
 from simpsons_ray.errors import UserError
 from simpsons_ray.frames import frame_number, list_episodes
-from simpsons_ray.labeling import FramePredictor, LabelConfig, label
+from simpsons_ray.labeling import FramePredictor, LabelConfig, label, predictor_pool
 from simpsons_ray.model import build_model, fold_batchnorm, load_artifact, save_artifact
 from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize
 
@@ -264,6 +265,18 @@ def test_predictor_fast_paths_agree_with_the_plain_model_on_cpu(model_dir):
     bf16_scores, bf16_idx = bf16.predict(x)
     assert (bf16_idx[:, 0] == ref_idx[:, 0]).mean() >= 0.9
     assert np.abs(bf16_scores[:, 0] - ref_scores[:, 0]).max() < 0.1
+
+
+def test_predictor_pool_sizes_and_reservations():
+    config = LabelConfig(model_uri="m", frames_uri="f", output_uri="o")
+    actors, args, resources = predictor_pool(config, cluster_cpus=2)
+    assert (actors, args["cpu_threads"], resources["num_cpus"]) == (2, 1, 0.5)  # one single-threaded actor per CPU
+    actors, args, resources = predictor_pool(dataclasses.replace(config, num_workers=1), cluster_cpus=8)
+    assert (actors, args["cpu_threads"], resources["num_cpus"]) == (1, 8, 0.5)
+    actors, _, resources = predictor_pool(dataclasses.replace(config, num_workers=4), cluster_cpus=2)
+    assert actors * resources["num_cpus"] <= 1.0  # decode tasks keep half the CPUs
+    actors, args, resources = predictor_pool(dataclasses.replace(config, use_gpu=True), cluster_cpus=8)
+    assert (actors, args["device"], resources["num_gpus"]) == (1, "cuda", 1)
 
 
 def test_read_and_decode_tasks_do_not_import_torch():
