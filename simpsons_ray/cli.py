@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from simpsons_ray.errors import UserError, find_user_error
+from simpsons_ray.errors import find_user_error
 
 EXIT_USER_ERROR = 2
 
@@ -178,6 +178,9 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-confidence", type=_probability, default=C.min_confidence, help="label is null below this top-1 probability (default %(default)s)")
     p.add_argument("--top-k", type=_positive_int, default=C.top_k, help="labels and scores kept per frame (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="relabel episodes that are already done")
+    p.add_argument("--decode", choices=("auto", "tasks", "predictor"), default=C.decode,
+                   help="where frames are decoded: CPU tasks with PIL, or the predictor with torchvision.io.decode_jpeg "
+                        "(nvJPEG on a GPU); auto: the predictor with --gpu, else tasks (default %(default)s)")
     p.set_defaults(run=_run_label)
 
 
@@ -198,6 +201,7 @@ def _run_label(args: argparse.Namespace) -> int:
             min_confidence=args.min_confidence,
             top_k=args.top_k,
             overwrite=args.overwrite,
+            decode=args.decode,
         )
     )
     return 0

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from simpsons_ray import frames as frames_lib
 from simpsons_ray import storage
-from simpsons_ray.preprocess import ImageDecodeError, PreprocessConfig, load_resized, normalize_array
+from simpsons_ray.preprocess import ImageDecodeError, PreprocessConfig, is_plain_jpeg, load_resized, normalize_array
 
 # A folder episode is read by tasks of this many files, so one long episode still
 # spreads over every CPU; an archive is one stream and so one task.
@@ -157,4 +157,37 @@ def decode_frames(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) ->
     out = {k: batch[k] for k in ("episode", "task", "task_end", "source", "frame")}
     out["error"] = errors
     out["image"] = normalize_array(pixels, preprocess)
+    return out
+
+
+# Frame encodings on the way to a predictor that decodes (route_frames).
+JPEG = "jpeg"  # the file's own bytes: the predictor decodes them (nvJPEG on a GPU)
+PIXELS = "pixels"  # uint8 HWC pixels at the model's image size, decoded here with PIL
+
+
+def route_frames(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
+    """For decoding in the predictor: JPEGs go on as bytes, every other frame is decoded here.
+
+    A JPEG is checked from its header (bombs, CMYK, progressive, truncated) so
+    that only frames the predictor decodes as PIL would reach it; the rest are
+    decoded and resized here, like decode_frames, and go on as raw pixels.
+    Normalising happens in the predictor, on its device, for both.
+    """
+    size = preprocess.image_size
+    errors = np.array(batch["error"], dtype=object)
+    data = np.empty(len(errors), dtype=object)
+    encoding = np.full(len(errors), "", dtype=object)
+    for i, raw in enumerate(batch["data"]):
+        data[i] = b""
+        if errors[i]:
+            continue
+        try:
+            if is_plain_jpeg(raw):
+                data[i], encoding[i] = raw, JPEG
+            else:
+                data[i], encoding[i] = load_resized(raw, size).tobytes(), PIXELS
+        except ImageDecodeError as exc:
+            errors[i] = str(exc)
+    out = {k: batch[k] for k in ("episode", "task", "task_end", "source", "frame")}
+    out["error"], out["data"], out["encoding"] = errors, data, encoding
     return out

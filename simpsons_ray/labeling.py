@@ -32,7 +32,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -41,9 +41,23 @@ import pyarrow.parquet as pq
 from simpsons_ray import frames as frames_lib
 from simpsons_ray import schema, storage
 from simpsons_ray.errors import UserError
-from simpsons_ray.ingest import BLOCK_BYTES, FRAMES_PER_READ_TASK, ReadSpec, decode_frames, frame_dump_datasource, plan_read_tasks, rows_per_block
+from simpsons_ray.ingest import (
+    BLOCK_BYTES,
+    FRAMES_PER_READ_TASK,
+    JPEG,
+    PIXELS,
+    ReadSpec,
+    decode_frames,
+    frame_dump_datasource,
+    plan_read_tasks,
+    route_frames,
+    rows_per_block,
+)
 from simpsons_ray.model import read_artifact_config
-from simpsons_ray.preprocess import PreprocessConfig
+from simpsons_ray.preprocess import PreprocessConfig, normalize
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +96,7 @@ class LabelConfig:
     min_confidence: float = 0.0  # label is null below this top-1 probability
     top_k: int = 3
     overwrite: bool = False  # relabel episodes already done
+    decode: str = "auto"  # where frames are decoded: "tasks" (PIL, CPU tasks), "predictor", or "auto" (see decode_in_predictor)
     frames_per_read_task: int = FRAMES_PER_READ_TASK
 
 
@@ -94,6 +109,11 @@ class FramePredictor:
     a 2-core machine the two together ran resnet18 at 64 px ~35% faster). On CUDA
     it also runs in bf16 autocast (the fast path of Ampere and later), which can be
     asked for on CPU too: that is how it is tested.
+
+    With ``decode=True`` it takes the output of ``ingest.route_frames`` instead of
+    normalised images: JPEG bytes, which it decodes on its own device with
+    ``torchvision.io.decode_jpeg`` (nvJPEG on a GPU) and resizes there, and raw
+    pixels of frames the CPU tasks decoded. It normalises both on the device.
     """
 
     def __init__(
@@ -105,6 +125,7 @@ class FramePredictor:
         channels_last: bool | None = None,
         cpu_threads: int | None = None,
         expected_model_id: str | None = None,
+        decode: bool = False,
     ):
         import torch
 
@@ -130,12 +151,16 @@ class FramePredictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model_id = artifact.model_id
         self.top_k = min(top_k, len(artifact.classes))
+        self.decode = decode
+        self.preprocess = artifact.preprocess
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, images: "np.ndarray | torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
         """float32 NCHW -> (top-k scores float32, top-k class indices int64), best first."""
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device, non_blocking=True)
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        x = images.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
@@ -144,14 +169,70 @@ class FramePredictor:
         scores, indices = probs.topk(self.top_k, dim=1)
         return scores.cpu().numpy().astype(np.float32), indices.cpu().numpy().astype(np.int64)
 
+    def decode_batch(self, data: np.ndarray, encoding: np.ndarray) -> tuple["torch.Tensor", np.ndarray]:
+        """route_frames' frames -> (normalised float32 NCHW on the device, error per frame; "" if decoded).
+
+        JPEGs are decoded together in one decode_jpeg call; if one of them is
+        corrupt the call fails, and they are decoded one by one to find it. Frames
+        of the same size are resized together, with antialiasing, as PIL does.
+        """
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        size = self.preprocess.image_size
+        errors = np.full(len(data), "", dtype=object)
+        pixels: list[torch.Tensor | None] = [None] * len(data)
+        jpegs = [i for i, e in enumerate(encoding) if e == JPEG]
+        if jpegs:
+            encoded = [torch.from_numpy(np.frombuffer(data[i], dtype=np.uint8).copy()) for i in jpegs]
+            try:
+                decoded: list[Any] = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                decoded = []
+                for one in encoded:
+                    try:
+                        decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
+                    except RuntimeError as exc:
+                        decoded.append(exc)
+            by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+            for i, image in zip(jpegs, decoded):
+                if isinstance(image, Exception):
+                    errors[i] = f"cannot decode image: {str(image).splitlines()[0]}"
+                else:
+                    pixels[i] = image
+                    by_shape[tuple(image.shape)].append(i)
+            for shape, rows in by_shape.items():
+                if shape[1:] != (size, size):
+                    resized = F.resize(torch.stack([pixels[i] for i in rows]), [size, size], InterpolationMode.BILINEAR, antialias=True)
+                    for i, image in zip(rows, resized):
+                        pixels[i] = image
+        for i, e in enumerate(encoding):
+            if e == PIXELS:
+                hwc = np.frombuffer(data[i], dtype=np.uint8).reshape(size, size, 3)
+                pixels[i] = torch.from_numpy(hwc.copy()).permute(2, 0, 1).to(self.device)
+        good = [p for p in pixels if p is not None]
+        if not good:
+            return torch.empty((0, 3, size, size)), errors
+        return normalize(torch.stack(good).permute(0, 2, 3, 1), self.preprocess), errors
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        errors = np.array(batch["error"], dtype=object)
+        ok = np.array([not e for e in errors], dtype=bool)
         n = len(ok)
         scores = np.zeros((n, self.top_k), dtype=np.float32)
         indices = np.full((n, self.top_k), -1, dtype=np.int64)
-        if ok.any():
+        if self.decode and ok.any():
+            images, decode_errors = self.decode_batch(batch["data"][ok], batch["encoding"][ok])
+            errors[ok] = np.where(decode_errors != "", decode_errors, errors[ok])
+            ok[ok] = decode_errors == ""
+            if ok.any():
+                scores[ok], indices[ok] = self.predict(images)
+        elif ok.any():
             scores[ok], indices[ok] = self.predict(batch["image"][ok])
-        out = {k: batch[k] for k in ("episode", "task", "task_end", "source", "frame", "error")}
+        out = {k: batch[k] for k in ("episode", "task", "task_end", "source", "frame")}
+        out["error"] = errors
         out["top_scores"] = scores
         out["top_indices"] = indices
         return out
@@ -404,6 +485,8 @@ def label(config: LabelConfig) -> dict[str, Any]:
 def _validate(config: LabelConfig) -> None:
     if config.batch_size <= 0 or (config.num_workers is not None and config.num_workers <= 0) or config.top_k <= 0 or config.frames_per_read_task <= 0:
         raise UserError("--batch-size, --num-workers and --top-k must be positive integers.")
+    if config.decode not in DECODE_CHOICES:
+        raise UserError(f"--decode {config.decode} is not one of {', '.join(DECODE_CHOICES)}.")
     if not 0.0 <= config.min_confidence <= 1.0:
         raise UserError(f"--min-confidence {config.min_confidence} is not a probability: give a value between 0 and 1.")
     if config.fps is not None and config.fps <= 0:
@@ -530,8 +613,9 @@ def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: Prepr
     dataset = ray.data.read_datasource(
         frame_dump_datasource(specs, block_rows), num_cpus=READ_TASK_CPUS, override_num_blocks=len(specs)
     )
+    in_predictor = decode_in_predictor(config)
     dataset = dataset.map_batches(
-        decode_frames,
+        route_frames if in_predictor else decode_frames,
         fn_kwargs={"preprocess": preprocess},
         batch_size=block_rows,
         batch_format="numpy",
@@ -540,12 +624,32 @@ def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: Prepr
     actors, predictor_args, resources = predictor_pool(config, cluster_cpus)
     return dataset.map_batches(
         FramePredictor,
-        fn_constructor_kwargs={"model_uri": config.model_uri, "top_k": config.top_k, "expected_model_id": model_id, **predictor_args},
+        fn_constructor_kwargs={
+            "model_uri": config.model_uri,
+            "top_k": config.top_k,
+            "expected_model_id": model_id,
+            "decode": in_predictor,
+            **predictor_args,
+        },
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=config.batch_size,
         batch_format="numpy",
         **resources,
     )
+
+
+DECODE_CHOICES = ("auto", "tasks", "predictor")
+
+
+def decode_in_predictor(config: LabelConfig) -> bool:
+    """Whether JPEG frames are decoded by the predictor instead of by CPU tasks.
+
+    "auto" picks the predictor when it runs on a GPU: nvJPEG decodes there, the
+    CPU tasks only check headers, and compressed frames instead of float tensors
+    travel to the GPU. On CPU, decoding in separate tasks keeps both kinds of
+    work running side by side, so "auto" keeps the tasks.
+    """
+    return config.decode == "predictor" or (config.decode == "auto" and config.use_gpu)
 
 
 def predictor_pool(config: LabelConfig, cluster_cpus: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
@@ -569,11 +673,24 @@ def predictor_pool(config: LabelConfig, cluster_cpus: int) -> tuple[int, dict[st
     return actors, {"device": "cpu", "cpu_threads": threads}, resources
 
 
+# Written by `ray up` on the head node of a cluster-launcher cluster; its autoscaler
+# reads it. Under `ray job submit` the driver runs on that head node.
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
 def _check_resources(config: LabelConfig) -> None:
+    """--gpu on a cluster without GPUs: an error, unless an autoscaler can still add GPU nodes."""
     import ray
 
-    if config.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise UserError("--gpu was given but the Ray cluster has no GPU: start it on GPU nodes, or drop --gpu to label on CPUs.")
+    if not config.use_gpu or ray.cluster_resources().get("GPU", 0) >= 1:
+        return
+    if os.path.exists(os.path.expanduser(AUTOSCALER_CONFIG)):
+        # cluster.yaml starts GPU workers at 0: the predictors' GPU requests make
+        # the autoscaler add them, which takes minutes, not an error.
+        logger.warning("label: no GPU in the cluster yet; the predictors will start when the autoscaler adds GPU nodes "
+                       "(stop the job and rerun without --gpu if this cluster has none)")
+        return
+    raise UserError("--gpu was given but the Ray cluster has no GPU: start it on GPU nodes, or drop --gpu to label on CPUs.")
 
 
 def _ensure_ray() -> None:

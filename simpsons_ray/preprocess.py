@@ -92,6 +92,25 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return img.convert("RGB")
 
 
+def is_plain_jpeg(data: bytes, max_pixels: int = MAX_PIXELS) -> bool:
+    """True for a complete baseline RGB or greyscale JPEG, judged from its header and end marker.
+
+    Those are the frames that ``torchvision.io.decode_jpeg`` decodes on a GPU as
+    PIL would; anything else (PNG, CMYK, progressive, truncated) is decoded with
+    PIL on the CPU. Raises ImageDecodeError for an image bomb, as decode_rgb does.
+    """
+    if not (data.startswith(b"\xff\xd8\xff") and data.rstrip(b"\x00").endswith(b"\xff\xd9")):
+        return False
+    try:
+        img = Image.open(io.BytesIO(data))  # the header only
+    except Exception:
+        return False  # decode_rgb gives the error its sentence
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the {max_pixels:,}-pixel limit")
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and not img.info.get("progressive")
+
+
 def resize(img: Image.Image, image_size: int) -> np.ndarray:
     """Squash to a square ``image_size`` (uint8 HWC). No crop: a character may stand at the edge."""
     if img.size != (image_size, image_size):

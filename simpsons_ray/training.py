@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -46,7 +46,6 @@ from simpsons_ray.model import (
     load_backbone_weights,
     save_artifact,
     set_trainable,
-    state_dict_bytes,
     trainable_parameters,
 )
 from simpsons_ray.preprocess import AugmentConfig, ImageDecodeError, PreprocessConfig, TrainAugment, load_resized, normalize

@@ -92,8 +92,8 @@ def test_cluster_yaml_installs_the_project_with_pyproject_ray_pin(cluster_config
 # ------------------------------------------------------------------- a real cluster
 @pytest.fixture(scope="module")
 def cluster():
-    """A head node (2 CPUs) and one worker node (2 CPUs), stopped after the module."""
-    local = LocalCluster(head_cpus=2, worker_cpus=2)
+    """A head node that takes no work (0 CPUs, as in cluster.yaml) and one worker node (2 CPUs), stopped after the module."""
+    local = LocalCluster(head_cpus=0, worker_cpus=2)
     try:
         local.start(workers=1)
         yield local
@@ -219,10 +219,10 @@ def test_bad_input_ends_failed_with_one_sentence_in_the_logs(cluster, s3_data, t
 @pytest.mark.slow
 def test_labeling_survives_losing_a_worker_node(cluster, s3_server, s3_data, trained, tmp_path):
     """A node dies with an episode in flight; the job finishes with every frame exactly once."""
-    counts = make_frames(str(tmp_path / "frames"), episodes=8, per_episode=40, seed=3)
+    counts = make_frames(str(tmp_path / "frames"), episodes=8, per_episode=250, seed=3)
     frames = upload_tree(s3_server.client(), s3_data["bucket"], str(tmp_path / "frames"), "frames-node-loss")
     labels = f"s3://{s3_data['bucket']}/labels-node-loss"
-    spare = cluster.add_worker()  # the node that survives alongside the head
+    spare = cluster.add_worker()  # the worker node that survives
     victim = next(n for n in cluster.alive_workers() if n is not spare)
     job = cluster.submit(
         "jobs/label.py", "--model", trained["model"], "--frames", frames, "--output", labels,

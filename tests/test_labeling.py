@@ -30,7 +30,8 @@ from imagegen import class_image, encode, upload_tree, write_tar
 from simpsons_ray import schema
 from simpsons_ray.errors import UserError
 from simpsons_ray.frames import frame_number, list_episodes
-from simpsons_ray.labeling import FramePredictor, LabelConfig, label, predictor_pool
+from simpsons_ray.ingest import JPEG, PIXELS, decode_frames, route_frames
+from simpsons_ray.labeling import FramePredictor, LabelConfig, decode_in_predictor, label, predictor_pool
 from simpsons_ray.model import build_model, fold_batchnorm, load_artifact, save_artifact
 from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize
 
@@ -286,6 +287,48 @@ def test_read_and_decode_tasks_do_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_decoding_in_the_predictor_matches_the_cpu_tasks(model_dir):
+    """The --gpu default path (JPEG bytes decoded by the predictor), run with decode_jpeg on the CPU.
+
+    nvJPEG and libjpeg differ by a level or two per pixel, and so do torch's and
+    PIL's antialiased resizes; labels must not change, scores barely.
+    """
+    rng = np.random.default_rng(21)
+    frames = [frame_bytes(rng, i) for i in range(24)] + [frame_bytes(rng, i, "PNG") for i in range(4)]
+    grey = encode(Image.open(io.BytesIO(frames[0])).convert("L"), "JPEG")
+    good = frames[5]
+    body_corrupt = good[:300] + bytes(len(good) - 302) + good[-2:]  # valid header and end marker, no image data
+    frames += [grey, good[: len(good) // 2], body_corrupt, b"\xff\xd8\xff not a jpeg"]
+    n = len(frames)
+    batch = {"episode": np.array(["E"] * n, dtype=object), "task": np.zeros(n, np.int64), "task_end": np.zeros(n, np.int64),
+             "source": np.array([f"s{i}" for i in range(n)], dtype=object), "frame": np.arange(n),
+             "data": np.array(frames, dtype=object), "error": np.array([""] * n, dtype=object)}
+    config = PreprocessConfig(image_size=IMAGE_SIZE)
+    routed = route_frames(batch, config)
+    assert list(routed["encoding"][:24]) == [JPEG] * 24 and list(routed["encoding"][24:28]) == [PIXELS] * 4
+    assert routed["encoding"][28] == JPEG  # greyscale JPEGs decode on the device too
+    assert routed["encoding"][29] == PIXELS or routed["error"][29]  # truncated: no end marker, PIL's turn
+    in_predictor = FramePredictor(model_dir, top_k=3, device="cpu", decode=True)(routed)
+    in_tasks = FramePredictor(model_dir, top_k=3, device="cpu")(decode_frames(batch, config))
+
+    errors = in_predictor["error"]
+    assert not any(errors[:29]), errors[:29]
+    assert errors[29] and errors[31]  # truncated, and not a JPEG at all: errors from PIL, as in the tasks path
+    assert errors[30].startswith("cannot decode image")  # found by decode_jpeg, the other frames still scored
+    assert all(in_tasks["error"][29:] != "") and not any(in_tasks["error"][:29])
+    np.testing.assert_array_equal(in_predictor["top_indices"][:29, 0], in_tasks["top_indices"][:29, 0])
+    np.testing.assert_allclose(in_predictor["top_scores"][:29], in_tasks["top_scores"][:29], atol=0.02)
+    assert (in_predictor["top_indices"][29:] == -1).all()
+
+
+def test_decode_choice():
+    config = LabelConfig(model_uri="m", frames_uri="f", output_uri="o")
+    assert not decode_in_predictor(config)
+    assert decode_in_predictor(dataclasses.replace(config, use_gpu=True))  # nvJPEG when there is a GPU
+    assert not decode_in_predictor(dataclasses.replace(config, use_gpu=True, decode="tasks"))
+    assert decode_in_predictor(dataclasses.replace(config, decode="predictor"))
+
+
 def test_folding_batchnorm_keeps_the_outputs(tmp_path):
     """Both block types (resnet18's BasicBlock, resnet50's Bottleneck) with non-trivial BN statistics."""
     torch.manual_seed(0)
@@ -368,7 +411,8 @@ def mode_image(mode: str, rng: np.random.Generator) -> bytes:
     return encode(rgb.convert(mode), "PNG")
 
 
-def test_bad_members_are_error_rows_and_good_frames_still_labelled(ray_session, model_dir, tmp_path):
+@pytest.mark.parametrize("decode", ["tasks", "predictor"])
+def test_bad_members_are_error_rows_and_good_frames_still_labelled(ray_session, model_dir, tmp_path, decode):
     rng = np.random.default_rng(7)
     frames_dir, output = tmp_path / "frames", str(tmp_path / "labels")
     good = frame_bytes(rng, 0)
@@ -401,7 +445,7 @@ def test_bad_members_are_error_rows_and_good_frames_still_labelled(ray_session, 
     whole = (tmp_path / "whole.tar.gz").read_bytes()
     (frames_dir / "E4.tar.gz").write_bytes(whole[: int(len(whole) * 0.6)])
 
-    summary = label(LabelConfig(model_uri=model_dir, frames_uri=str(frames_dir), output_uri=output))
+    summary = label(LabelConfig(model_uri=model_dir, frames_uri=str(frames_dir), output_uri=output, decode=decode))
     df = read_labels(output)
     errors = read_errors(output)
     assert list(errors.columns) == schema.ERRORS_SCHEMA.names
@@ -479,6 +523,21 @@ def test_gpu_flag_without_gpus_fails_before_any_work(ray_session, model_dir, loc
     with pytest.raises(UserError, match="no GPU"):
         label(LabelConfig(model_uri=model_dir, frames_uri=local_run["frames"], output_uri=out, use_gpu=True))
     assert not any(name.startswith("episode=") for name in os.listdir(out))
+
+
+def test_gpu_flag_waits_for_an_autoscaler_that_can_add_gpus(ray_session, tmp_path, monkeypatch, caplog):
+    """On a `ray up` cluster (its head holds the autoscaler's config) GPU nodes start at 0 and come on demand."""
+    from simpsons_ray.labeling import AUTOSCALER_CONFIG, _check_resources
+
+    config = LabelConfig(model_uri="m", frames_uri="f", output_uri="o", use_gpu=True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no GPU"):
+            _check_resources(config)
+    (tmp_path / os.path.basename(AUTOSCALER_CONFIG)).write_text("cluster_name: simpsons-ray\n")
+    with caplog.at_level("WARNING", logger="simpsons_ray.labeling"):
+        _check_resources(config)  # no error: the autoscaler may still add GPU nodes
+    assert torch.cuda.is_available() or "autoscaler adds GPU nodes" in caplog.text
 
 
 def test_cli_prints_one_sentence_and_exits_2(model_dir, tmp_path):
@@ -570,7 +629,7 @@ def _sid(p) -> int | None:
 
 # -------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: bf16 autocast and channels_last on GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: bf16 autocast, channels_last and nvJPEG decoding on GPU")
 def test_gpu_labels_agree_with_cpu(local_run, model_dir, tmp_path):
     output = str(tmp_path / "labels")
     summary = label(LabelConfig(model_uri=model_dir, frames_uri=local_run["frames"], output_uri=output, use_gpu=True, fps=25.0))
