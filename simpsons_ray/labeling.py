@@ -45,6 +45,7 @@ from simpsons_ray.ingest import (
     BLOCK_BYTES,
     FRAMES_PER_READ_TASK,
     JPEG,
+    MAX_ROWS_PER_BLOCK,
     PIXELS,
     ReadSpec,
     decode_frames,
@@ -617,7 +618,8 @@ def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: Prepr
     dataset = dataset.map_batches(
         route_frames if in_predictor else decode_frames,
         fn_kwargs={"preprocess": preprocess},
-        batch_size=block_rows,
+        # Routed JPEGs stay compressed, so their batches need not shrink with the image size.
+        batch_size=MAX_ROWS_PER_BLOCK if in_predictor else block_rows,
         batch_format="numpy",
         num_cpus=min(DECODE_TASK_CPUS, max(cluster_cpus / 2, 0.25)),  # a 1-CPU machine still decodes
     )
