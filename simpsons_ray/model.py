@@ -135,14 +135,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     model = copy.deepcopy(model).eval()
 
-    def fold(parent: nn.Module, conv: str | int, bn: str | int) -> None:
-        get = (lambda k: parent[k]) if isinstance(conv, int) else (lambda k: getattr(parent, k))
-        fused = fuse_conv_bn_eval(get(conv), get(bn))
-        if isinstance(conv, int):
-            parent[conv], parent[bn] = fused, nn.Identity()
-        else:
-            setattr(parent, conv, fused)
-            setattr(parent, bn, nn.Identity())
+    def fold(parent: nn.Module, conv: str, bn: str) -> None:
+        setattr(parent, conv, fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, bn)))
+        setattr(parent, bn, nn.Identity())
 
     fold(model, "conv1", "bn1")
     for stage in STAGES:
@@ -151,7 +146,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 if hasattr(block, f"conv{i}"):
                     fold(block, f"conv{i}", f"bn{i}")
             if block.downsample is not None:
-                fold(block.downsample, 0, 1)
+                fold(block.downsample, "0", "1")  # Sequential(conv, bn): children named "0", "1"
     return model
 
 

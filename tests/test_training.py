@@ -37,6 +37,7 @@ from simpsons_ray.preprocess import (
     decode_rgb,
     load_resized,
     normalize,
+    normalize_array,
 )
 from simpsons_ray.training import AugmentingCollate, EarlyStopping, TrainConfig, plan_phases, train_one_epoch
 
@@ -232,6 +233,9 @@ def test_eval_preprocessing_matches_torchvision_and_augmentation_varies():
     reference = T.Compose([T.Resize((32, 32)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
     assert ours.shape == (3, 32, 32)
     assert torch.allclose(ours, reference, atol=0.05)  # PIL vs tensor bilinear differ by rounding only
+    # The NumPy twin the torch-free decode workers use gives the very same bits.
+    pixels = np.stack([load_resized(data, 32)] * 3)
+    np.testing.assert_array_equal(normalize_array(pixels, config), normalize(pixels, config).numpy())
     augment = TrainAugment()
     base = load_resized(data, 32)
     outs = [augment(base) for _ in range(4)]
