@@ -10,6 +10,7 @@ The pipeline (one Ray Dataset for all episodes still to do)::
 
     read      one task per archive or per chunk of a folder: raw bytes, streamed   (ingest.py, frames.py)
     decode    CPU tasks: decode, resize, normalise, as the model artifact says     (ingest.py, preprocess.py)
+              (with --gpu: header checks only; the predictor decodes JPEGs on the GPU, see --decode)
     predict   an actor pool (one actor per GPU, or CPU actors); the model loads once per actor
     write     the driver appends each episode's rows to a temporary Parquet file as they come
 
