@@ -43,6 +43,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+from cluster_fixtures import process_tree  # noqa: E402  (the /proc walk the cluster tests use)
 from simpsons_ray.model import build_model, load_artifact, save_artifact  # noqa: E402
 from simpsons_ray.preprocess import PreprocessConfig  # noqa: E402
 
@@ -190,27 +193,8 @@ class TreeMemory:
             pass
         return 0
 
-    @staticmethod
-    def _tree(root: int) -> list[int]:
-        """root and every process descended from it, from /proc/<pid>/stat."""
-        children: dict[int, list[int]] = {}
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/stat") as f:
-                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(name))
-        out, todo = [], [root]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            todo.extend(children.get(pid, []))
-        return out
-
     def _sample(self) -> int:
-        return sum(self._pss(pid) for pid in self._tree(os.getpid()))
+        return sum(self._pss(pid) for pid in process_tree([os.getpid()]))
 
     def _run(self) -> None:
         while not self._stop.is_set():

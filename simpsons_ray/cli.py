@@ -163,6 +163,7 @@ def _probability(text: str) -> float:
 
 
 def _add_label(sub: argparse._SubParsersAction) -> None:
+    from simpsons_ray.labeling import DECODE_CHOICES
     from simpsons_ray.labeling import LabelConfig as C
 
     p = sub.add_parser("label", help="label every frame of episode dumps (folders or tar archives) into Parquet with Ray Data")
@@ -178,7 +179,7 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-confidence", type=_probability, default=C.min_confidence, help="label is null below this top-1 probability (default %(default)s)")
     p.add_argument("--top-k", type=_positive_int, default=C.top_k, help="labels and scores kept per frame (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="relabel episodes that are already done")
-    p.add_argument("--decode", choices=("auto", "tasks", "predictor"), default=C.decode,
+    p.add_argument("--decode", choices=DECODE_CHOICES, default=C.decode,
                    help="where frames are decoded: CPU tasks with PIL, or the predictor with torchvision.io.decode_jpeg "
                         "(nvJPEG on a GPU); auto: the predictor with --gpu, else tasks (default %(default)s)")
     p.set_defaults(run=_run_label)

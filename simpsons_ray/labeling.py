@@ -227,7 +227,7 @@ class FramePredictor:
         indices = np.full((n, self.top_k), -1, dtype=np.int64)
         if self.decode and ok.any():
             images, decode_errors = self.decode_batch(batch["data"][ok], batch["encoding"][ok])
-            errors[ok] = np.where(decode_errors != "", decode_errors, errors[ok])
+            errors[ok] = decode_errors  # every frame in `ok` had no error before
             ok[ok] = decode_errors == ""
             if ok.any():
                 scores[ok], indices[ok] = self.predict(images)
