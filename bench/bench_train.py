@@ -70,7 +70,7 @@ def plain_loop(config: TrainConfig, epochs: int, threads: int) -> dict:
                    for i in range(0, len(val_x), 256))
     _, matrix = evaluate(model, val_batches, device, config.preprocess, len(split.classes))
     return {"accuracy": metrics.report(matrix, split.classes)["accuracy"], "images_per_s": float(np.mean(rates)),
-            "wall_s": wall, "val_images": len(val_x)}
+            "epoch_rates": rates, "wall_s": wall, "val_images": len(val_x)}
 
 
 def ray_run(config: TrainConfig) -> dict:
@@ -80,6 +80,7 @@ def ray_run(config: TrainConfig) -> dict:
     # epoch, so the last epoch's validation accuracy is the one compared.
     return {"accuracy": summary["history"][-1]["val_accuracy"], "best_accuracy": summary["final"]["accuracy"],
             "best_epoch": summary["best_epoch"], "images_per_s": summary["train_images_per_s_mean"],
+            "epoch_rates": [row["images_per_s"] for row in summary["history"]],
             "wall_s": time.perf_counter() - start, "val_images": summary["final"]["num_images"]}
 
 
@@ -120,6 +121,8 @@ def main() -> None:
     print(f"{'plain PyTorch loop (1 process)':<34} {plain['accuracy']:8.4f} {plain['images_per_s']:12.1f} {plain['wall_s']:8.1f}")
     print(f"{'ratio ray / plain':<34} {ray_result['accuracy'] - plain['accuracy']:+8.4f} "
           f"{ray_result['images_per_s'] / plain['images_per_s']:11.2f}x {ray_result['wall_s'] / plain['wall_s']:7.2f}x")
+    for name, result in (("simpsons-ray train", ray_result), ("plain loop", plain)):
+        print(f"{name} img/s per epoch: " + " ".join(f"{r:.0f}" for r in result["epoch_rates"]))
     print("(val acc: after the last epoch, in both rows; accuracy column of the ratio row: the difference as a fraction)")
     print(f"(the Ray run's artifact keeps its best epoch, {ray_result['best_epoch']}: val acc {ray_result['best_accuracy']:.4f})")
 

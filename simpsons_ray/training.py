@@ -352,7 +352,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         stopper = EarlyStopping(config.patience, state.best_loss if state.epoch_in_phase else math.inf, state.bad_epochs)
         # DDP only syncs the parameters that require grad when it wraps the model,
         # so it is wrapped again whenever a phase changes what trains.
-        ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+        ddp = _distributed(model, device) if world_size > 1 else model
 
         while state.epoch_in_phase < phase.epochs:
             batches = train_shard.iter_torch_batches(
@@ -410,6 +410,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _report(state, row, rank)
             if phase_over:
                 break
+
+
+def _distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around ``model``, its gradients kept in the all-reduce buckets (one copy less per step)."""
+    # On GPU, NCCL all-reduces each 25 MB bucket while backward goes on, so the default
+    # stays. On CPU every core is already computing: there is nothing to overlap with,
+    # and one bucket for the whole model (one gloo call per step, not ~3 for resnet18)
+    # is faster. Measured on 2 cores, resnet18 at 64 px, batch 2 x 64, synthetic data:
+    # two 1-thread DDP processes went from 0.92x to 0.97-1.0x of one 2-thread process
+    # (in the whole `train` pipeline the gain is within the machine's run-to-run noise).
+    buckets = {} if device.type == "cuda" else {"bucket_cap_mb": 1024}
+    return nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, **buckets)
 
 
 def _say(line: str) -> None:
