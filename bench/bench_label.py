@@ -17,9 +17,11 @@ Builds frame dumps from real frames (../shared/data/simpsons-mnist/train by defa
 
 The baselines run before and after the pipeline, and the faster of each is kept.
 Peak memory is the proportional set size (PSS) of the whole process tree (this
-process, Ray's GCS, raylet and every worker), sampled every 0.2 s while the
-pipeline runs: shared object-store pages are split between the processes that
-map them, so they are counted once.
+process, Ray's GCS, raylet and every worker), sampled every 0.5 s: shared
+object-store pages are split between the processes that map them, so they are
+counted once. It is measured in a second run of each size, not in the timed one:
+reading smaps_rollup of every worker costs the kernel ~16% of a core, which took
+8% off the pipeline's frames/s on 2 cores.
 
     python bench/bench_label.py                       # 4 episodes x 5,000 frames, and x 50,000
     python bench/bench_label.py --quick               # a smoke run: 2 episodes x 150 frames, and x 1,500
@@ -173,7 +175,8 @@ class TreeMemory:
     that map it, so Ray's shared-memory object store is counted once, not once
     per worker that reads from it (summed RSS counts it in every one). It is read
     from /proc/<pid>/smaps_rollup, which the kernel sums cheaply: walking the full
-    smaps of every worker took most of a core and slowed the pipeline it measured.
+    smaps of every worker took most of a core. Still not free (see the module
+    docstring), so the timed runs go without it.
     """
 
     def __init__(self, every_s: float = 0.5):
@@ -210,8 +213,21 @@ class TreeMemory:
         self._thread.join()
 
 
-def bench_pipeline(model_dir: str, frames_dir: str, output: str, batch_size: int, use_gpu: bool) -> tuple[float, int, float]:
-    """(frames/s, peak tree RSS bytes, wall s) of label() on a fresh local Ray."""
+def bench_pipeline(model_dir: str, frames_dir: str, output: str, batch_size: int, use_gpu: bool) -> tuple[float, float]:
+    """(frames/s, wall s) of label() on a fresh local Ray."""
+    summary, _ = _run_pipeline(model_dir, frames_dir, output, batch_size, use_gpu, memory=None)
+    return summary["frames_per_s"], summary["wall_time_s"]
+
+
+def peak_memory(model_dir: str, frames_dir: str, output: str, batch_size: int, use_gpu: bool) -> int:
+    """Peak PSS bytes of the process tree during a second, untimed run of label()."""
+    _, memory = _run_pipeline(model_dir, frames_dir, output, batch_size, use_gpu, memory=TreeMemory())
+    return memory.peak
+
+
+def _run_pipeline(model_dir, frames_dir, output, batch_size, use_gpu, memory: TreeMemory | None):
+    import contextlib
+
     import ray
 
     from simpsons_ray.labeling import LabelConfig, label
@@ -219,11 +235,11 @@ def bench_pipeline(model_dir: str, frames_dir: str, output: str, batch_size: int
     shutil.rmtree(output, ignore_errors=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        with TreeMemory() as memory:
+        with memory or contextlib.nullcontext():
             summary = label(LabelConfig(model_uri=model_dir, frames_uri=frames_dir, output_uri=output, batch_size=batch_size, use_gpu=use_gpu))
     finally:
         ray.shutdown()
-    return summary["frames_per_s"], memory.peak, summary["wall_time_s"]
+    return summary, memory
 
 
 # -------------------------------------------------------------------------- main
@@ -272,8 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     model_fps, plain_fps = baselines()
     rows = []
     for label_name, dump, n in (("1x", dump_1x, n1), (f"{args.scale}x", dump_nx, nn)):
-        fps, peak, wall = bench_pipeline(model_dir, dump, os.path.join(work, f"labels-{label_name}"), args.batch_size, args.gpu)
-        print(f"  pipeline {label_name:>4} {fps:9.1f} frames/s  ({n:,} frames in {wall:.1f} s, peak {peak / 2**30:.2f} GiB)", flush=True)
+        output = os.path.join(work, f"labels-{label_name}")
+        fps, wall = bench_pipeline(model_dir, dump, output, args.batch_size, args.gpu)
+        print(f"  pipeline {label_name:>4} {fps:9.1f} frames/s  ({n:,} frames in {wall:.1f} s)", flush=True)
+        peak = peak_memory(model_dir, dump, output, args.batch_size, args.gpu)
+        print(f"  pipeline {label_name:>4} peak {peak / 2**30:.2f} GiB (a second run, sampled)", flush=True)
         rows.append((label_name, n, fps, peak, wall))
     model_again, plain_again = baselines()
     model_fps, plain_fps = max(model_fps, model_again), max(plain_fps, plain_again)

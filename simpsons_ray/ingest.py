@@ -143,7 +143,7 @@ def frame_dump_datasource(specs: list[ReadSpec], block_rows: int):
 
 # --------------------------------------------------------------------------- decode
 def decode_frames(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
-    """Raw bytes -> normalised float32 NCHW images; a frame that won't decode becomes an error."""
+    """Raw bytes -> normalised float32 NHWC images; a frame that won't decode becomes an error."""
     size = preprocess.image_size
     errors = np.array(batch["error"], dtype=object)
     pixels = np.zeros((len(errors), size, size, 3), dtype=np.uint8)

@@ -157,14 +157,14 @@ class FramePredictor:
         self.preprocess = artifact.preprocess
 
     def predict(self, images: "np.ndarray | torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
-        """float32 NCHW -> (top-k scores float32, top-k class indices int64), best first."""
+        """Normalised float32 NHWC -> (top-k scores float32, top-k class indices int64), best first."""
         import torch
 
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        x = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # The NCHW view of contiguous NHWC memory is channels_last already: no copy.
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
             logits = self.model(x)
         probs = logits.float().softmax(dim=1)
@@ -172,7 +172,7 @@ class FramePredictor:
         return scores.cpu().numpy().astype(np.float32), indices.cpu().numpy().astype(np.int64)
 
     def decode_batch(self, data: np.ndarray, encoding: np.ndarray) -> tuple["torch.Tensor", np.ndarray]:
-        """route_frames' frames -> (normalised float32 NCHW on the device, error per frame; "" if decoded).
+        """route_frames' frames -> (normalised float32 NHWC on the device, error per frame; "" if decoded).
 
         JPEGs are decoded together in one decode_jpeg call; if one of them is
         corrupt the call fails, and they are decoded one by one to find it. Frames
@@ -216,8 +216,8 @@ class FramePredictor:
                 pixels[i] = torch.from_numpy(hwc.copy()).permute(2, 0, 1).to(self.device)
         good = [p for p in pixels if p is not None]
         if not good:
-            return torch.empty((0, 3, size, size)), errors
-        return normalize(torch.stack(good).permute(0, 2, 3, 1), self.preprocess), errors
+            return torch.empty((0, size, size, 3)), errors
+        return normalize(torch.stack(good).permute(0, 2, 3, 1), self.preprocess).permute(0, 2, 3, 1), errors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         errors = np.array(batch["error"], dtype=object)

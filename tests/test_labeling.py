@@ -33,7 +33,7 @@ from simpsons_ray.frames import frame_number, list_episodes
 from simpsons_ray.ingest import JPEG, PIXELS, decode_frames, route_frames
 from simpsons_ray.labeling import FramePredictor, LabelConfig, decode_in_predictor, label, predictor_pool
 from simpsons_ray.model import build_model, fold_batchnorm, load_artifact, save_artifact
-from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize
+from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize, normalize_array
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["bart", "homer", "lisa", "marge"]
@@ -248,9 +248,9 @@ def test_predictor_fast_paths_agree_with_the_plain_model_on_cpu(model_dir):
     """Folded BatchNorm and channels_last (the defaults), and bf16 autocast (the GPU setting), against plain fp32."""
     rng = np.random.default_rng(5)
     config = PreprocessConfig(image_size=IMAGE_SIZE)
-    x = normalize(np.stack([load_resized(frame_bytes(rng, i), IMAGE_SIZE) for i in range(32)]), config).numpy()
+    x = normalize_array(np.stack([load_resized(frame_bytes(rng, i), IMAGE_SIZE) for i in range(32)]), config)  # NHWC
     with torch.inference_mode():
-        reference = load_artifact(model_dir).model(torch.from_numpy(x)).softmax(1)
+        reference = load_artifact(model_dir).model(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).softmax(1)
     ref_scores, ref_idx = (t.numpy() for t in reference.topk(3, dim=1))
 
     default = FramePredictor(model_dir, top_k=3, device="cpu")

@@ -235,7 +235,7 @@ def test_eval_preprocessing_matches_torchvision_and_augmentation_varies():
     assert torch.allclose(ours, reference, atol=0.05)  # PIL vs tensor bilinear differ by rounding only
     # The NumPy twin the torch-free decode workers use gives the very same bits.
     pixels = np.stack([load_resized(data, 32)] * 3)
-    np.testing.assert_array_equal(normalize_array(pixels, config), normalize(pixels, config).numpy())
+    np.testing.assert_array_equal(normalize_array(pixels, config).transpose(0, 3, 1, 2), normalize(pixels, config).numpy())
     augment = TrainAugment()
     base = load_resized(data, 32)
     outs = [augment(base) for _ in range(4)]
