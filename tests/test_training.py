@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 from imagegen import class_image, encode, upload_tree, write_class_folders, write_flat_test_folder
-from simpsons_ray import cli, datasets, metrics, storage
+from simpsons_ray import cli, datasets, metrics
 from simpsons_ray.errors import UserError
 from simpsons_ray.model import (
     build_model,
