@@ -418,7 +418,7 @@ def _distributed(model: nn.Module, device: torch.device) -> nn.Module:
     # stays. On CPU every core is already computing: there is nothing to overlap with,
     # and one bucket for the whole model (one gloo call per step, not ~3 for resnet18)
     # is faster. Measured on 2 cores, resnet18 at 64 px, batch 2 x 64, synthetic data:
-    # two 1-thread DDP processes went from 0.92x to 0.97-1.0x of one 2-thread process
+    # two 1-thread DDP processes went from 0.89-0.94x to 0.97-1.0x of one 2-thread process
     # (in the whole `train` pipeline the gain is within the machine's run-to-run noise).
     buckets = {} if device.type == "cuda" else {"bucket_cap_mb": 1024}
     return nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, **buckets)
