@@ -123,7 +123,7 @@ def bench_model_only(model_dir: str, frames_dir: str, batch_size: int, device: s
     from simpsons_ray.labeling import FramePredictor
 
     predictor = FramePredictor(model_dir, top_k=3, device=device, cpu_threads=os.cpu_count())
-    preprocess = load_artifact(model_dir).preprocess
+    preprocess = predictor.preprocess
     size = preprocess.image_size
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(preprocess.mean, preprocess.std)])
     x = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in iter_dump(frames_dir)])
