@@ -25,6 +25,7 @@ reading smaps_rollup of every worker costs the kernel ~16% of a core, which took
 
     python bench/bench_label.py                       # 4 episodes x 5,000 frames, and x 50,000
     python bench/bench_label.py --quick               # a smoke run: 2 episodes x 150 frames, and x 1,500
+    python bench/bench_label.py --image-size 128 --frames-per-episode 2500   # 4x the model work per frame (~22 min)
     python bench/bench_label.py --arch resnet50 --image-size 224 --gpu   # on a GPU machine
 """
 
