@@ -133,13 +133,15 @@ def main() -> None:
               f"{a['best']:9.4f} {a['last3']:10.4f}")
     print(f"{'ray / plain; ray - plain':<34} {ray_result['images_per_s'] / plain['images_per_s']:11.2f}x "
           f"{ray_result['train_s'] / plain['train_s']:7.2f}x "
-          + " ".join(f"{acc['ray'][k] - acc['plain'][k]:+9.4f}" + (" " if k == "last3" else "") for k in ("last", "best", "last3")))
+          f"{acc['ray']['last'] - acc['plain']['last']:+9.4f} {acc['ray']['best'] - acc['plain']['best']:+9.4f} "
+          f"{acc['ray']['last3'] - acc['plain']['last3']:+10.4f}")
     for name, result in (("simpsons-ray train", ray_result), ("plain loop", plain)):
         print(f"{name} per epoch: img/s " + " ".join(f"{r:.0f}" for r in result["epoch_rates"])
               + "; val acc " + " ".join(f"{row['val_accuracy']:.3f}" for row in result["history"]))
     print("(train img/s: mean over epochs of the timed training pass; train s: those passes summed. acc last: after the")
     print(" last epoch; acc best: at the epoch of lowest validation loss, the one the Ray run's artifact keeps (epochs "
           f"{acc['ray']['best_epoch']} and {acc['plain']['best_epoch']}); acc last3: mean of the last three epochs)")
+
 
 if __name__ == "__main__":
     main()
