@@ -8,12 +8,20 @@ functions, so the difference is what Ray Train and Ray Data add or take away.
     python bench/bench_train.py --quick              # a smoke run: 2 epochs, 100 images/class
     python bench/bench_train.py --data DIR --arch resnet18 --image-size 64 --epochs 8
     python bench/bench_train.py --image-size 128     # 4x the model work per image (~25 min on 2 cores)
+    python bench/bench_train.py --repeats 4          # 4 pairs: is the accuracy gap more than run-to-run noise?
 
-Prints a table: mean training images/s per epoch and validation accuracy three
-ways (after the last epoch, at the epoch of lowest validation loss, and the mean
-of the last three epochs; at a fixed LR the last epoch alone moves by several
-points from one epoch to the next). Both runs validate after every epoch;
-training images/s counts only the training pass of each epoch, in both columns.
+Both loops use the LR schedule `simpsons-ray train` uses by default (Adam, LR divided
+by 10 after ``--lr-patience`` epochs without a lower validation loss), with early
+stopping off so that both run every epoch; ``--lr-patience 0`` keeps the LR fixed.
+Both start from the same initial weights (seeded by the split seed, as the Ray
+workers do); the plain loop's order and augmentation are seeded by the repeat
+number, the Ray run's block order is not seeded at all.
+
+Prints, per pair of runs: mean training images/s per epoch (training pass only,
+both validate after every epoch outside it) and validation accuracy three ways:
+after the last epoch, at the epoch of lowest validation loss (what the artifact
+keeps), and the mean of the last three epochs. With ``--repeats`` > 1, also the
+mean and spread of each, and of the paired differences.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from simpsons_ray.training import TrainConfig, evaluate, train, train_one_epoch 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "simpsons-mnist", "train")
 
 
-def plain_loop(config: TrainConfig, epochs: int, threads: int) -> dict:
+def plain_loop(config: TrainConfig, epochs: int, threads: int, repeat: int = 0) -> dict:
     """Single process, no Ray: decode everything, then epochs of augment + train_one_epoch."""
     torch.set_num_threads(threads)
     images = datasets.cap_per_class(datasets.list_labelled_images(config.data_uri), config.max_images_per_class, config.seed)
@@ -48,11 +56,15 @@ def plain_loop(config: TrainConfig, epochs: int, threads: int) -> dict:
         val_x = np.stack(list(pool.map(decode, split.val["uri"])))
     train_y = split.train["label_index"].to_numpy()
     val_y = split.val["label_index"].to_numpy()
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the initial weights the Ray workers start from
     model = build_model(config.arch, len(split.classes), config.head_hidden, config.dropout)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # As train_loop_per_worker; with lr_patience = epochs it never fires.
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.lr_factor,
+                                                           patience=config.lr_patience)
     augment = TrainAugment(config.augment)
-    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(1000 + repeat)  # augmentation and dropout
+    rng = np.random.default_rng(repeat)  # batch order
     batch = config.batch_size * config.num_workers  # the same global batch as the Ray run
     device = torch.device("cpu")
     val_batches = lambda: ({"image": torch.from_numpy(val_x[i : i + 256]), "label": torch.tensor(val_y[i : i + 256])}  # noqa: E731
@@ -72,18 +84,18 @@ def plain_loop(config: TrainConfig, epochs: int, threads: int) -> dict:
         train_seconds += stats.seconds
         # Validated every epoch, as the Ray run does, outside the timed training pass.
         val, matrix = evaluate(model, val_batches(), device, config.preprocess, len(split.classes))
-        history.append({"val_loss": val.loss, "val_accuracy": metrics.report(matrix, split.classes)["accuracy"]})
-    return {"history": history, "images_per_s": float(np.mean(rates)), "epoch_rates": rates,
-            "train_s": train_seconds, "val_images": len(val_x)}
+        history.append({"val_loss": val.loss, "val_accuracy": metrics.report(matrix, split.classes)["accuracy"],
+                        "lr": optimizer.param_groups[0]["lr"]})
+        scheduler.step(val.loss)
+    return {"history": history, "images_per_s": float(np.mean(rates)), "epoch_rates": rates, "train_s": train_seconds}
 
 
 def ray_run(config: TrainConfig) -> dict:
     summary = train(config)
-    history = [{"val_loss": row["val_loss"], "val_accuracy": row["val_accuracy"]} for row in summary["history"]]
+    history = [{k: row[k] for k in ("val_loss", "val_accuracy", "lr")} for row in summary["history"]]
     return {"history": history, "images_per_s": summary["train_images_per_s_mean"],
             "epoch_rates": [row["images_per_s"] for row in summary["history"]],
-            "train_s": sum(row["train_images"] / row["images_per_s"] for row in summary["history"]),
-            "val_images": summary["final"]["num_images"]}
+            "train_s": sum(row["train_images"] / row["images_per_s"] for row in summary["history"])}
 
 
 def accuracies(history: list[dict]) -> dict:
@@ -101,46 +113,86 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64, help="per Ray worker; the plain loop uses workers x this")
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--lr-patience", type=int, default=TrainConfig.lr_patience,
+                        help="as `simpsons-ray train`; 0 keeps the LR fixed (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternating Ray and plain")
     parser.add_argument("--max-images-per-class", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.max_images_per_class = 2, 100
+    import ray
 
+    pairs = []
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(
-            data_uri=args.data, output_uri=os.path.join(out, "model"), arch=args.arch, weights="none",
-            image_size=args.image_size, num_workers=args.num_workers, batch_size=args.batch_size,
-            finetune_epochs=args.epochs, patience=10_000, lr_patience=10_000,  # run every epoch, fixed LR, in both
-            val_fraction=0.2, seed=0, max_images_per_class=args.max_images_per_class,
-        )
-        import ray
-
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        ray_result = ray_run(config)
-        ray.shutdown()
-        plain = plain_loop(config, args.epochs, threads=os.cpu_count())
+        for repeat in range(args.repeats):
+            config = TrainConfig(
+                data_uri=args.data, output_uri=os.path.join(out, f"model{repeat}"), arch=args.arch, weights="none",
+                image_size=args.image_size, num_workers=args.num_workers, batch_size=args.batch_size,
+                finetune_epochs=args.epochs, patience=args.epochs,  # no early stop: both run every epoch
+                lr_patience=args.lr_patience or args.epochs, val_fraction=0.2, seed=0,
+                max_images_per_class=args.max_images_per_class,
+            )
+            # Ray is shut down before the plain loop, so that its idle processes take nothing from it.
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray_result = ray_run(config)
+            ray.shutdown()
+            plain = plain_loop(config, args.epochs, threads=os.cpu_count(), repeat=repeat)
+            pairs.append((ray_result, plain))
+            _print_pair(repeat, ray_result, plain)
 
     print()
     print(f"data {args.data}  arch {args.arch}  image {args.image_size}px  epochs {args.epochs}  "
-          f"global batch {args.batch_size * args.num_workers}  cpus {os.cpu_count()}  torch {torch.__version__}")
-    acc = {"ray": accuracies(ray_result["history"]), "plain": accuracies(plain["history"])}
-    print(f"{'run':<34} {'train img/s':>12} {'train s':>8} {'acc last':>9} {'acc best':>9} {'acc last3':>10}")
-    for name, key, result in (("simpsons-ray train (" + str(args.num_workers) + " Ray workers)", "ray", ray_result),
-                              ("plain PyTorch loop (1 process)", "plain", plain)):
-        a = acc[key]
-        print(f"{name:<34} {result['images_per_s']:12.1f} {result['train_s']:8.1f} {a['last']:9.4f} "
-              f"{a['best']:9.4f} {a['last3']:10.4f}")
-    print(f"{'ray / plain; ray - plain':<34} {ray_result['images_per_s'] / plain['images_per_s']:11.2f}x "
-          f"{ray_result['train_s'] / plain['train_s']:7.2f}x "
-          f"{acc['ray']['last'] - acc['plain']['last']:+9.4f} {acc['ray']['best'] - acc['plain']['best']:+9.4f} "
-          f"{acc['ray']['last3'] - acc['plain']['last3']:+10.4f}")
-    for name, result in (("simpsons-ray train", ray_result), ("plain loop", plain)):
-        print(f"{name} per epoch: img/s " + " ".join(f"{r:.0f}" for r in result["epoch_rates"])
-              + "; val acc " + " ".join(f"{row['val_accuracy']:.3f}" for row in result["history"]))
+          f"global batch {args.batch_size * args.num_workers}  LR {'fixed' if not args.lr_patience else f'/10 after {args.lr_patience} flat epoch(s)'}  "
+          f"cpus {os.cpu_count()}  torch {torch.__version__}")
+    head = f"{'run':<36} {'train img/s':>12} {'train s':>8} {'acc last':>13} {'acc best':>13} {'acc last3':>13}"
+    print(head)
+    for repeat, (ray_result, plain) in enumerate(pairs):
+        _print_rows(f"#{repeat + 1} ", ray_result, plain, args.num_workers)
+    if len(pairs) > 1:
+        print("-" * len(head))
+        _print_spread(pairs)
     print("(train img/s: mean over epochs of the timed training pass; train s: those passes summed. acc last: after the")
-    print(" last epoch; acc best: at the epoch of lowest validation loss, the one the Ray run's artifact keeps (epochs "
-          f"{acc['ray']['best_epoch']} and {acc['plain']['best_epoch']}); acc last3: mean of the last three epochs)")
+    print(" last epoch; acc best: at the epoch of lowest validation loss, the one the Ray run's artifact keeps;")
+    print(" acc last3: mean of the last three epochs)")
+
+
+def _print_pair(repeat: int, ray_result: dict, plain: dict) -> None:
+    for name, result in (("simpsons-ray train", ray_result), ("plain loop", plain)):
+        print(f"#{repeat + 1} {name} per epoch: img/s " + " ".join(f"{r:.0f}" for r in result["epoch_rates"])
+              + "; val acc " + " ".join(f"{row['val_accuracy']:.3f}" for row in result["history"])
+              + "; lr " + " ".join(f"{row['lr']:.0e}" for row in result["history"]), flush=True)
+
+
+def _print_rows(prefix: str, ray_result: dict, plain: dict, num_workers: int) -> None:
+    acc = {"ray": accuracies(ray_result["history"]), "plain": accuracies(plain["history"])}
+    for name, key, result in ((f"{prefix}simpsons-ray ({num_workers} workers)", "ray", ray_result),
+                              (f"{prefix}plain loop (1 process)", "plain", plain)):
+        a = acc[key]
+        print(f"{name:<36} {result['images_per_s']:12.1f} {result['train_s']:8.1f} {a['last']:13.4f} "
+              f"{a['best']:13.4f} {a['last3']:13.4f}")
+    print(f"{prefix + 'ray / plain; ray - plain':<36} {ray_result['images_per_s'] / plain['images_per_s']:11.2f}x "
+          f"{ray_result['train_s'] / plain['train_s']:7.2f}x "
+          f"{acc['ray']['last'] - acc['plain']['last']:+13.4f} {acc['ray']['best'] - acc['plain']['best']:+13.4f} "
+          f"{acc['ray']['last3'] - acc['plain']['last3']:+13.4f}")
+
+
+def _print_spread(pairs: list[tuple[dict, dict]]) -> None:
+    """Mean +- sample standard deviation over the repeats, of each run and of the paired differences."""
+    def cells(values: list[float], fmt: str) -> str:
+        return f"{np.mean(values):{fmt}}+-{np.std(values, ddof=1):.{fmt[-2]}f}"
+
+    rows = {"ray": [(r["images_per_s"], accuracies(r["history"])) for r, _ in pairs],
+            "plain": [(p["images_per_s"], accuracies(p["history"])) for _, p in pairs]}
+    for key in ("ray", "plain"):
+        rates = [rate for rate, _ in rows[key]]
+        accs = {k: [a[k] for _, a in rows[key]] for k in ("last", "best", "last3")}
+        print(f"{'mean+-sd ' + key:<36} {cells(rates, '.1f'):>12} {'':>8} {cells(accs['last'], '.3f'):>13} "
+              f"{cells(accs['best'], '.3f'):>13} {cells(accs['last3'], '.3f'):>13}")
+    ratios = [r["images_per_s"] / p["images_per_s"] for r, p in pairs]
+    diffs = {k: [a_r[k] - a_p[k] for (_, a_r), (_, a_p) in zip(rows["ray"], rows["plain"])] for k in ("last", "best", "last3")}
+    print(f"{'mean+-sd ray/plain; ray-plain':<36} {cells(ratios, '.2f'):>12} {'':>8} {cells(diffs['last'], '+.3f'):>13} "
+          f"{cells(diffs['best'], '+.3f'):>13} {cells(diffs['last3'], '+.3f'):>13}")
 
 
 if __name__ == "__main__":
