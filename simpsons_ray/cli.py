@@ -36,7 +36,7 @@ def _fraction(text: str) -> float:
 
 # --------------------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from simpsons_ray.training import TrainConfig as C
+    from simpsons_ray.training import LR_SCHEDULES, TrainConfig as C
 
     p = sub.add_parser("train", help="fine-tune a ResNet on a Kaggle-layout folder with Ray Train")
     p.add_argument("--data", required=True, help="training images, ROOT/<character>/*.jpg (local path or s3://)")
@@ -57,6 +57,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-images-per-class", type=int, default=C.min_images_per_class, help="drop rarer characters (default %(default)s)")
     p.add_argument("--max-images-per-class", type=int, default=C.max_images_per_class, help="cap per character, for quick runs (default: no cap)")
     p.add_argument("--patience", type=int, default=C.patience, help="early stop after this many epochs without val-loss gain (default %(default)s)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=C.lr_schedule,
+                   help="plateau: divide the LR by 10 after --lr-patience flat epochs; cosine: anneal it to 0 over each phase (default %(default)s)")
     p.add_argument("--lr-patience", type=int, default=C.lr_patience, help="divide LR by 10 after this many flat epochs (default %(default)s)")
     p.add_argument("--max-failures", type=int, default=C.max_failures, help="worker failures to recover from (default %(default)s)")
     p.set_defaults(run=_run_train)
@@ -84,6 +86,7 @@ def _run_train(args: argparse.Namespace) -> int:
         min_images_per_class=args.min_images_per_class,
         max_images_per_class=args.max_images_per_class,
         patience=args.patience,
+        lr_schedule=args.lr_schedule,
         lr_patience=args.lr_patience,
         max_failures=args.max_failures,
     )

@@ -78,6 +78,7 @@ class TrainConfig:
     min_images_per_class: int = 0
     max_images_per_class: int | None = None
     patience: int = 3  # epochs without a val-loss improvement before a phase stops
+    lr_schedule: str = "plateau"  # or "cosine"; see make_scheduler
     lr_patience: int = 1  # flat epochs before ReduceLROnPlateau divides the LR
     lr_factor: float = 0.1
     max_failures: int = 2
@@ -232,6 +233,29 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
+LR_SCHEDULES = ("plateau", "cosine")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, phase_epochs: int):
+    """A phase's LR schedule, stepped once per epoch by ``step_scheduler``.
+
+    "plateau" divides the LR by ``lr_factor`` after ``lr_patience`` epochs without a
+    lower validation loss, so when it fires depends on one noisy epoch. "cosine"
+    anneals from the phase's LR towards 0 over its epochs, the same LR at every epoch
+    whatever validation does, so that two runs can be compared epoch for epoch.
+    """
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=phase_epochs)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
+
+
+def step_scheduler(scheduler, val_loss: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    else:
+        scheduler.step()
+
+
 # --------------------------------------------------------------------- checkpoint state
 @dataclass
 class TrainState:
@@ -343,9 +367,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_trainable(model, phase.trainable)
         params = trainable_parameters(model)
         optimizer = torch.optim.Adam(params, lr=phase.lr)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience
-        )
+        scheduler = make_scheduler(optimizer, config, phase.epochs)
         if state.optimizer is not None and state.epoch_in_phase > 0:
             optimizer.load_state_dict(state.optimizer)
             scheduler.load_state_dict(state.scheduler)
@@ -366,7 +388,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             val_stats = _global(evaluate(model, val_batches, device, preprocess, num_classes)[0])
 
             lr = optimizer.param_groups[0]["lr"]
-            scheduler.step(val_stats.loss)
+            step_scheduler(scheduler, val_stats.loss)
             improved = stopper.step(val_stats.loss)
             overall_improved = val_stats.loss < state.best_loss - 1e-6
             if overall_improved:
@@ -507,6 +529,8 @@ def _drop_unreadable(decoded, what: str) -> tuple[Any, list[dict[str, str]]]:
 def _check_inputs(config: TrainConfig) -> None:
     if config.weights not in ("none", "imagenet") and not storage.exists(config.weights):
         raise UserError(f"--weights {config.weights} does not exist: give a state dict path or URI, 'imagenet' or 'none'.")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"--lr-schedule {config.lr_schedule} is not one of {', '.join(LR_SCHEDULES)}.")
     if not plan_phases(config):
         raise UserError("Nothing to train: --frozen-epochs and --finetune-epochs are both 0.")
     # An unknown --arch or --unfreeze stage -> one sentence now, not on the workers.
@@ -519,7 +543,8 @@ def _check_resume(config: TrainConfig) -> None:
     record_uri = storage.join(config.output_uri, CHECKPOINT_RUN_NAME, "run.json")
     mine = config.to_dict()
     if storage.exists(record_uri):
-        theirs = storage.read_json(record_uri)
+        # A record written before a setting existed ran with that setting's default.
+        theirs = TrainConfig().to_dict() | storage.read_json(record_uri)
         differ = sorted(
             k for k in set(mine) | set(theirs) if k not in TrainConfig.RESUMABLE_CHANGES and mine.get(k) != theirs.get(k)
         )

@@ -38,7 +38,15 @@ from simpsons_ray.preprocess import (
     normalize,
     normalize_array,
 )
-from simpsons_ray.training import AugmentingCollate, EarlyStopping, TrainConfig, plan_phases, train_one_epoch
+from simpsons_ray.training import (
+    AugmentingCollate,
+    EarlyStopping,
+    TrainConfig,
+    make_scheduler,
+    plan_phases,
+    step_scheduler,
+    train_one_epoch,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["apu_nahasapeemapetilon", "bart_simpson", "homer_simpson", "lisa_simpson"]
@@ -196,6 +204,22 @@ def test_phases_and_early_stopping():
     assert stopper.should_stop and stopper.best == 0.9
 
 
+def test_lr_schedules_plateau_waits_for_flat_epochs_cosine_ignores_them():
+    def lrs_after(schedule: str, val_losses: list[float]) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = make_scheduler(optimizer, TrainConfig(lr_schedule=schedule, lr_patience=1), phase_epochs=4)
+        out = []
+        for loss in val_losses:
+            step_scheduler(scheduler, loss)
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    assert lrs_after("plateau", [1.0, 0.9, 0.95, 0.96]) == pytest.approx([1.0, 1.0, 1.0, 0.1])
+    cosine = [0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(1, 5)]  # 0.854, 0.5, 0.146, 0
+    assert lrs_after("cosine", [1.0, 0.9, 0.95, 0.96]) == pytest.approx(cosine, abs=1e-9)
+    assert lrs_after("cosine", [1.0, 2.0, 3.0, 4.0]) == pytest.approx(cosine, abs=1e-9)
+
+
 def test_model_dir_that_is_not_one(tmp_path):
     (tmp_path / "somewhere").mkdir()
     (tmp_path / "somewhere" / "config.json").write_text("{}")
@@ -278,16 +302,20 @@ def _train_args(data, output, *extra):
 def test_train_two_workers_learns_and_writes_a_complete_artifact(tmp_path, ray_session, capsys):
     data, out = tmp_path / "data", tmp_path / "model"
     _make_dataset(data)
-    assert cli.main(_train_args(data, out, "--weights", "none", "--finetune-epochs", "6", "--val-fraction", "0.25")) == 0
+    flags = ["--weights", "none", "--val-fraction", "0.25", "--lr-schedule", "cosine"]
+    assert cli.main(_train_args(data, out, *flags, "--finetune-epochs", "6")) == 0
     for name in ARTIFACT_FILES:
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["final"]["accuracy"] >= 0.85, summary["final"]  # chance is 0.25
     assert summary["final"]["num_images"] == 4 * round(30 * 0.25)
     assert [s["uri"].endswith("pic_broken.jpg") for s in summary["skipped_images"]] == [True]
-    assert len(summary["history"]) >= 1 and all(r["images_per_s"] > 0 for r in summary["history"])
+    assert len(summary["history"]) >= 4 and all(r["images_per_s"] > 0 for r in summary["history"])
+    lrs = [r["lr"] for r in summary["history"]]  # cosine: lower every epoch (a plateau holds it for 2 at least)
+    assert lrs[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(lrs, lrs[1:])), lrs
     config = json.loads((out / "config.json").read_text())
     assert config["image_size"] == 32 and config["arch"] == "resnet18" and config["training"]["weights"] == "none"
+    assert config["training"]["lr_schedule"] == "cosine"
     assert json.loads((out / "classes.json").read_text()) == CLASSES
     assert Image.open(out / "curves.png").size[0] > 0 and Image.open(out / "confusion_matrix.png").size[0] > 0
 
@@ -301,10 +329,10 @@ def test_train_two_workers_learns_and_writes_a_complete_artifact(tmp_path, ray_s
 
     # Rerunning the same command resumes the finished run: no epoch is trained again.
     epochs_before = summary["epochs_run"]
-    assert cli.main(_train_args(data, out, "--weights", "none", "--finetune-epochs", "6", "--val-fraction", "0.25")) == 0
+    assert cli.main(_train_args(data, out, *flags, "--finetune-epochs", "6")) == 0
     assert json.loads((out / "metrics.json").read_text())["epochs_run"] == epochs_before
     # ... but different settings into the same output are refused, in one sentence.
-    assert cli.main(_train_args(data, out, "--weights", "none", "--finetune-epochs", "9", "--val-fraction", "0.25")) == 2
+    assert cli.main(_train_args(data, out, *flags, "--finetune-epochs", "9")) == 2
     assert "different settings (finetune_epochs)" in capsys.readouterr().err
 
 
@@ -328,6 +356,9 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (out / "metrics.json").exists()
+    # A run recorded before a setting existed resumes as one with that setting's default.
+    record = checkpoints / "run.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "lr_schedule"}))
 
     second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
