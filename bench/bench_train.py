@@ -8,11 +8,12 @@ functions, so the difference is what Ray Train and Ray Data add or take away.
     python bench/bench_train.py --quick              # a smoke run: 2 epochs, 100 images/class
     python bench/bench_train.py --data DIR --arch resnet18 --image-size 64 --epochs 8
     python bench/bench_train.py --image-size 128     # 4x the model work per image (~25 min on 2 cores)
-    python bench/bench_train.py --repeats 4          # 4 pairs: is the accuracy gap more than run-to-run noise?
+    python bench/bench_train.py --repeats 4 --epochs 12 --lr-schedule cosine   # is the accuracy gap more than noise?
 
-Both loops use the LR schedule `simpsons-ray train` uses by default (Adam, LR divided
-by 10 after ``--lr-patience`` epochs without a lower validation loss), with early
-stopping off so that both run every epoch; ``--lr-patience 0`` keeps the LR fixed.
+Both loops use the LR schedule of `simpsons-ray train` (by default Adam with the LR
+divided by 10 after ``--lr-patience`` epochs without a lower validation loss; ``--lr-patience
+0`` keeps it fixed; ``--lr-schedule cosine`` anneals it to 0, the same LR in both loops at
+every epoch), with early stopping off so that both run every epoch.
 Both start from the same initial weights (seeded by the split seed, as the Ray
 workers do); the plain loop's order and augmentation are seeded by the repeat
 number, the Ray run's block order is not seeded at all.
@@ -40,7 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from simpsons_ray import datasets, metrics, storage  # noqa: E402
 from simpsons_ray.model import build_model  # noqa: E402
 from simpsons_ray.preprocess import TrainAugment, load_resized  # noqa: E402
-from simpsons_ray.training import TrainConfig, evaluate, train, train_one_epoch  # noqa: E402
+from simpsons_ray.training import (  # noqa: E402
+    LR_SCHEDULES, TrainConfig, evaluate, make_scheduler, step_scheduler, train, train_one_epoch,
+)
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "simpsons-mnist", "train")
 
@@ -59,9 +62,7 @@ def plain_loop(config: TrainConfig, epochs: int, threads: int, repeat: int = 0) 
     torch.manual_seed(config.seed)  # the initial weights the Ray workers start from
     model = build_model(config.arch, len(split.classes), config.head_hidden, config.dropout)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    # As train_loop_per_worker; with lr_patience = epochs it never fires.
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.lr_factor,
-                                                           patience=config.lr_patience)
+    scheduler = make_scheduler(optimizer, config, epochs)  # as train_loop_per_worker
     augment = TrainAugment(config.augment)
     torch.manual_seed(1000 + repeat)  # augmentation and dropout
     rng = np.random.default_rng(repeat)  # batch order
@@ -86,7 +87,7 @@ def plain_loop(config: TrainConfig, epochs: int, threads: int, repeat: int = 0) 
         val, matrix = evaluate(model, val_batches(), device, config.preprocess, len(split.classes))
         history.append({"val_loss": val.loss, "val_accuracy": metrics.report(matrix, split.classes)["accuracy"],
                         "lr": optimizer.param_groups[0]["lr"]})
-        scheduler.step(val.loss)
+        step_scheduler(scheduler, val.loss)
     return {"history": history, "images_per_s": float(np.mean(rates)), "epoch_rates": rates, "train_s": train_seconds}
 
 
@@ -113,8 +114,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64, help="per Ray worker; the plain loop uses workers x this")
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=TrainConfig.lr_schedule,
+                        help="as `simpsons-ray train` (default %(default)s)")
     parser.add_argument("--lr-patience", type=int, default=TrainConfig.lr_patience,
-                        help="as `simpsons-ray train`; 0 keeps the LR fixed (default %(default)s)")
+                        help="as `simpsons-ray train`; 0 keeps a plateau schedule's LR fixed (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternating Ray and plain")
     parser.add_argument("--max-images-per-class", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
@@ -130,7 +133,7 @@ def main() -> None:
                 data_uri=args.data, output_uri=os.path.join(out, f"model{repeat}"), arch=args.arch, weights="none",
                 image_size=args.image_size, num_workers=args.num_workers, batch_size=args.batch_size,
                 finetune_epochs=args.epochs, patience=args.epochs,  # no early stop: both run every epoch
-                lr_patience=args.lr_patience or args.epochs, val_fraction=0.2, seed=0,
+                lr_schedule=args.lr_schedule, lr_patience=args.lr_patience or args.epochs, val_fraction=0.2, seed=0,
                 max_images_per_class=args.max_images_per_class,
             )
             # Ray is shut down before the plain loop, so that its idle processes take nothing from it.
@@ -143,7 +146,7 @@ def main() -> None:
 
     print()
     print(f"data {args.data}  arch {args.arch}  image {args.image_size}px  epochs {args.epochs}  "
-          f"global batch {args.batch_size * args.num_workers}  LR {'fixed' if not args.lr_patience else f'/10 after {args.lr_patience} flat epoch(s)'}  "
+          f"global batch {args.batch_size * args.num_workers}  LR {_schedule_words(args)}  "
           f"cpus {os.cpu_count()}  torch {torch.__version__}")
     head = f"{'run':<36} {'train img/s':>12} {'train s':>8} {'acc last':>13} {'acc best':>13} {'acc last3':>13}"
     print(head)
@@ -155,6 +158,12 @@ def main() -> None:
     print("(train img/s: mean over epochs of the timed training pass; train s: those passes summed. acc last: after the")
     print(" last epoch; acc best: at the epoch of lowest validation loss, the one the Ray run's artifact keeps;")
     print(" acc last3: mean of the last three epochs)")
+
+
+def _schedule_words(args: argparse.Namespace) -> str:
+    if args.lr_schedule == "cosine":
+        return "cosine to 0"
+    return "fixed" if not args.lr_patience else f"/10 after {args.lr_patience} flat epoch(s)"
 
 
 def _print_pair(repeat: int, ray_result: dict, plain: dict) -> None:
