@@ -317,6 +317,17 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def _use_rank0_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics on every worker, so that validation scores the model rank 0 saves.
+
+    DDP copies rank 0's buffers to the others at the start of each forward, and each
+    worker's own last batch then moves its running statistics a little further.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _global(stats: EpochStats) -> EpochStats:
     loss_sum, correct, count = _all_reduce([stats.loss_sum, stats.correct, stats.count])
     seconds = _all_reduce([stats.seconds])[0] / (dist.get_world_size() if dist.is_initialized() else 1)
@@ -385,6 +396,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
             train_stats = _global(train_one_epoch(ddp, batches, optimizer, device, preprocess))
             val_batches = val_shard.iter_torch_batches(batch_size=max(64, config.batch_size), prefetch_batches=2)
+            _use_rank0_buffers(model)
             val_stats = _global(evaluate(model, val_batches, device, preprocess, num_classes)[0])
 
             lr = optimizer.param_groups[0]["lr"]

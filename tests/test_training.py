@@ -311,6 +311,8 @@ def test_train_two_workers_learns_and_writes_a_complete_artifact(tmp_path, ray_s
     assert summary["final"]["num_images"] == 4 * round(30 * 0.25)
     assert [s["uri"].endswith("pic_broken.jpg") for s in summary["skipped_images"]] == [True]
     assert len(summary["history"]) >= 4 and all(r["images_per_s"] > 0 for r in summary["history"])
+    # The per-epoch validation (sharded over both workers) scored exactly the model that was saved.
+    assert summary["final"]["accuracy"] == summary["history"][summary["best_epoch"] - 1]["val_accuracy"]
     lrs = [r["lr"] for r in summary["history"]]  # cosine: lower every epoch (a plateau holds it for 2 at least)
     assert lrs[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(lrs, lrs[1:])), lrs
     config = json.loads((out / "config.json").read_text())
