@@ -210,6 +210,7 @@ def test_lr_schedules_plateau_waits_for_flat_epochs_cosine_ignores_them():
         scheduler = make_scheduler(optimizer, TrainConfig(lr_schedule=schedule, lr_patience=1), phase_epochs=4)
         out = []
         for loss in val_losses:
+            optimizer.step()  # an epoch's steps come first, as in training
             step_scheduler(scheduler, loss)
             out.append(optimizer.param_groups[0]["lr"])
         return out
