@@ -88,13 +88,14 @@ def plain_loop(config: TrainConfig, epochs: int, threads: int, repeat: int = 0) 
         history.append({"val_loss": val.loss, "val_accuracy": metrics.report(matrix, split.classes)["accuracy"],
                         "lr": optimizer.param_groups[0]["lr"]})
         step_scheduler(scheduler, val.loss)
-    return {"history": history, "images_per_s": float(np.mean(rates)), "epoch_rates": rates, "train_s": train_seconds}
+    return {"history": history, "acc": accuracies(history), "images_per_s": float(np.mean(rates)), "epoch_rates": rates,
+            "train_s": train_seconds}
 
 
 def ray_run(config: TrainConfig) -> dict:
     summary = train(config)
     history = [{k: row[k] for k in ("val_loss", "val_accuracy", "lr")} for row in summary["history"]]
-    return {"history": history, "images_per_s": summary["train_images_per_s_mean"],
+    return {"history": history, "acc": accuracies(history), "images_per_s": summary["train_images_per_s_mean"],
             "epoch_rates": [row["images_per_s"] for row in summary["history"]],
             "train_s": sum(row["train_images"] / row["images_per_s"] for row in summary["history"])}
 
@@ -102,7 +103,7 @@ def ray_run(config: TrainConfig) -> dict:
 def accuracies(history: list[dict]) -> dict:
     """Validation accuracy three ways: after the last epoch, at the lowest val loss, mean of the last three."""
     best = min(history, key=lambda row: row["val_loss"])
-    return {"last": history[-1]["val_accuracy"], "best": best["val_accuracy"], "best_epoch": history.index(best) + 1,
+    return {"last": history[-1]["val_accuracy"], "best": best["val_accuracy"],
             "last3": float(np.mean([row["val_accuracy"] for row in history[-3:]]))}
 
 
@@ -174,12 +175,12 @@ def _print_pair(repeat: int, ray_result: dict, plain: dict) -> None:
 
 
 def _print_rows(prefix: str, ray_result: dict, plain: dict, num_workers: int) -> None:
-    acc = {"ray": accuracies(ray_result["history"]), "plain": accuracies(plain["history"])}
-    for name, key, result in ((f"{prefix}simpsons-ray ({num_workers} workers)", "ray", ray_result),
-                              (f"{prefix}plain loop (1 process)", "plain", plain)):
-        a = acc[key]
+    for name, result in ((f"{prefix}simpsons-ray ({num_workers} workers)", ray_result),
+                         (f"{prefix}plain loop (1 process)", plain)):
+        a = result["acc"]
         print(f"{name:<36} {result['images_per_s']:12.1f} {result['train_s']:8.1f} {a['last']:13.4f} "
               f"{a['best']:13.4f} {a['last3']:13.4f}")
+    acc = {"ray": ray_result["acc"], "plain": plain["acc"]}
     print(f"{prefix + 'ray / plain; ray - plain':<36} {ray_result['images_per_s'] / plain['images_per_s']:11.2f}x "
           f"{ray_result['train_s'] / plain['train_s']:7.2f}x "
           f"{acc['ray']['last'] - acc['plain']['last']:+13.4f} {acc['ray']['best'] - acc['plain']['best']:+13.4f} "
@@ -191,15 +192,13 @@ def _print_spread(pairs: list[tuple[dict, dict]]) -> None:
     def cells(values: list[float], fmt: str) -> str:
         return f"{np.mean(values):{fmt}}+-{np.std(values, ddof=1):.{fmt[-2]}f}"
 
-    rows = {"ray": [(r["images_per_s"], accuracies(r["history"])) for r, _ in pairs],
-            "plain": [(p["images_per_s"], accuracies(p["history"])) for _, p in pairs]}
-    for key in ("ray", "plain"):
-        rates = [rate for rate, _ in rows[key]]
-        accs = {k: [a[k] for _, a in rows[key]] for k in ("last", "best", "last3")}
+    for key, runs in (("ray", [r for r, _ in pairs]), ("plain", [p for _, p in pairs])):
+        rates = [run["images_per_s"] for run in runs]
+        accs = {k: [run["acc"][k] for run in runs] for k in ("last", "best", "last3")}
         print(f"{'mean+-sd ' + key:<36} {cells(rates, '.1f'):>12} {'':>8} {cells(accs['last'], '.3f'):>13} "
               f"{cells(accs['best'], '.3f'):>13} {cells(accs['last3'], '.3f'):>13}")
     ratios = [r["images_per_s"] / p["images_per_s"] for r, p in pairs]
-    diffs = {k: [a_r[k] - a_p[k] for (_, a_r), (_, a_p) in zip(rows["ray"], rows["plain"])] for k in ("last", "best", "last3")}
+    diffs = {k: [r["acc"][k] - p["acc"][k] for r, p in pairs] for k in ("last", "best", "last3")}
     print(f"{'mean+-sd ray/plain; ray-plain':<36} {cells(ratios, '.2f'):>12} {'':>8} {cells(diffs['last'], '+.3f'):>13} "
           f"{cells(diffs['best'], '+.3f'):>13} {cells(diffs['last3'], '+.3f'):>13}")
 
