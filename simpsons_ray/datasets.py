@@ -98,33 +98,48 @@ def cap_per_class(images: pd.DataFrame, max_images: int | None, seed: int) -> pd
 @dataclass(frozen=True)
 class Split:
     train: pd.DataFrame
-    val: pd.DataFrame
+    val: pd.DataFrame  # early stopping, best epoch, LR schedule, calibration
+    test: pd.DataFrame  # reported only, never used for a decision
     classes: list[str]
 
 
-def stratified_split(images: pd.DataFrame, val_fraction: float, seed: int) -> Split:
-    """Deterministic, stratified split: each class keeps ``val_fraction`` of its images for validation.
+def _held_out_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(test, val) images of a class of ``n``: every non-empty share gets one, training keeps one."""
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    if test_fraction > 0 and n >= 3:
+        n_test = max(n_test, 1)
+    if val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    n_test = min(n_test, max(n - 2, 0))  # leave one for validation and one for training
+    n_val = min(n_val, max(n - n_test - 1, 0))
+    return n_test, n_val
 
-    Depends only on the set of uris, the seed and the fraction, never on listing
-    order, so every worker and every rerun draws the same split. Adds
-    ``label_index`` (position in the sorted class list).
+
+def stratified_split(images: pd.DataFrame, val_fraction: float, seed: int, test_fraction: float = 0.0) -> Split:
+    """Deterministic, stratified, disjoint train / validation / test split.
+
+    Each class keeps ``test_fraction`` of its images for test and ``val_fraction``
+    for validation. Depends only on the set of uris, the seed and the fractions,
+    never on listing order, so every worker and every rerun draws the same split.
+    The test images are drawn first, so they stay the same whatever
+    ``val_fraction`` is. Adds ``label_index`` (position in the sorted class list).
     """
+    if val_fraction + test_fraction >= 1:
+        raise UserError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} leave nothing to train on.")
     classes = sorted(images["label"].unique().tolist())
     index = {name: i for i, name in enumerate(classes)}
-    train_parts, val_parts = [], []
+    parts: dict[str, list[pd.DataFrame]] = {"train": [], "val": [], "test": []}
     for label, group in images.sort_values("uri").groupby("label", sort=True):
         order = _class_rng(seed, str(label)).permutation(len(group))
-        n_val = int(round(len(group) * val_fraction))
-        if len(group) >= 2:
-            n_val = min(max(n_val, 1), len(group) - 1)
-        else:
-            n_val = 0
-        val_parts.append(group.iloc[order[:n_val]])
-        train_parts.append(group.iloc[order[n_val:]])
+        n_test, n_val = _held_out_counts(len(group), val_fraction, test_fraction)
+        parts["test"].append(group.iloc[order[:n_test]])
+        parts["val"].append(group.iloc[order[n_test : n_test + n_val]])
+        parts["train"].append(group.iloc[order[n_test + n_val :]])
 
-    def finish(parts: list[pd.DataFrame]) -> pd.DataFrame:
-        frame = pd.concat(parts, ignore_index=True)
+    def finish(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        frame = pd.concat(frames, ignore_index=True)
         frame = frame.assign(label_index=frame["label"].map(index).astype("int64"))
         return frame.sort_values("uri", ignore_index=True)
 
-    return Split(finish(train_parts), finish(val_parts), classes)
+    return Split(finish(parts["train"]), finish(parts["val"]), finish(parts["test"]), classes)
