@@ -8,12 +8,13 @@ functions, so the difference is what Ray Train and Ray Data add or take away.
     python bench/bench_train.py --quick              # a smoke run: 2 epochs, 100 images/class
     python bench/bench_train.py --data DIR --arch resnet18 --image-size 64 --epochs 8
     python bench/bench_train.py --image-size 128     # 4x the model work per image (~25 min on 2 cores)
-    python bench/bench_train.py --repeats 4 --epochs 12 --lr-schedule cosine   # is the accuracy gap more than noise?
+    python bench/bench_train.py --repeats 4 --epochs 12 --recipe notebook --lr-schedule cosine   # the runs of bench/RESULTS.md
 
-Both loops use the LR schedule of `simpsons-ray train` (by default Adam with the LR
-divided by 10 after ``--lr-patience`` epochs without a lower validation loss; ``--lr-patience
-0`` keeps it fixed; ``--lr-schedule cosine`` anneals it to 0, the same LR in both loops at
-every epoch), with early stopping off so that both run every epoch.
+Both loops use the recipe of `simpsons-ray train` (``--recipe``, default "default"): its
+optimizer, LR schedule (``--lr-schedule``; with plateau, ``--lr-patience 0`` keeps the LR
+fixed), label smoothing, weight average and flip TTA, built by the same functions, with
+early stopping off so that both run every epoch. Nothing is held out for test here: this
+benchmark compares Ray with a plain loop, not recipes (``bench_recipe.py`` does that).
 Both start from the same initial weights (seeded by the split seed, as the Ray
 workers do); the plain loop's order and augmentation are seeded by the repeat
 number, the Ray run's block order is not seeded at all.
@@ -41,9 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from simpsons_ray import datasets, metrics, storage  # noqa: E402
 from simpsons_ray.model import build_model  # noqa: E402
 from simpsons_ray.preprocess import TrainAugment, load_resized  # noqa: E402
-from simpsons_ray.training import (  # noqa: E402
-    LR_SCHEDULES, TrainConfig, evaluate, make_scheduler, step_scheduler, train, train_one_epoch,
-)
+from simpsons_ray.recipe import LR_SCHEDULES, RECIPES, BatchMix, LrSchedule, WeightEma, make_optimizer  # noqa: E402
+from simpsons_ray.training import StepRecipe, TrainConfig, evaluate, train, train_one_epoch  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "simpsons-mnist", "train")
 
@@ -61,8 +61,11 @@ def plain_loop(config: TrainConfig, epochs: int, threads: int, repeat: int = 0) 
     val_y = split.val["label_index"].to_numpy()
     torch.manual_seed(config.seed)  # the initial weights the Ray workers start from
     model = build_model(config.arch, len(split.classes), config.head_hidden, config.dropout)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = make_scheduler(optimizer, config, epochs)  # as train_loop_per_worker
+    # The recipe's own parts, as the Ray workers build them.
+    optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr, config.weight_decay)
+    schedule = LrSchedule(optimizer, config.lr_schedule, config.lr, epochs, config.warmup_epochs, config.lr_patience, config.lr_factor)
+    ema = WeightEma(model, config.ema_decay) if config.ema_decay > 0 else None
+    mix = BatchMix(len(split.classes), config.mixup_alpha, config.cutmix_alpha)
     augment = TrainAugment(config.augment)
     torch.manual_seed(1000 + repeat)  # augmentation and dropout
     rng = np.random.default_rng(repeat)  # batch order
@@ -72,22 +75,26 @@ def plain_loop(config: TrainConfig, epochs: int, threads: int, repeat: int = 0) 
                            for i in range(0, len(val_x), 256))
     rates, history = [], []
     train_seconds = 0.0
-    for _ in range(epochs):
+    steps_per_epoch = int(np.ceil(len(train_x) / (config.batch_size * config.num_workers)))
+    for epoch in range(epochs):
         order = rng.permutation(len(train_x))
+        schedule.set_progress(epoch)
+        lr = optimizer.param_groups[0]["lr"]
 
         def batches():
             for i in range(0, len(order), batch):
                 idx = order[i : i + batch]
                 yield {"image": torch.from_numpy(augment.batch(train_x[idx])), "label": torch.from_numpy(train_y[idx])}
 
-        stats = train_one_epoch(model, batches(), optimizer, device, config.preprocess)
+        step = StepRecipe(config.label_smoothing, mix, ema, schedule, epoch, steps_per_epoch)
+        stats = train_one_epoch(model, batches(), optimizer, device, config.preprocess, step)
         rates.append(stats.count / stats.seconds)
         train_seconds += stats.seconds
         # Validated every epoch, as the Ray run does, outside the timed training pass.
-        val, matrix = evaluate(model, val_batches(), device, config.preprocess, len(split.classes))
-        history.append({"val_loss": val.loss, "val_accuracy": metrics.report(matrix, split.classes)["accuracy"],
-                        "lr": optimizer.param_groups[0]["lr"]})
-        step_scheduler(scheduler, val.loss)
+        val, matrix = evaluate(ema.module if ema else model, val_batches(), device, config.preprocess, len(split.classes),
+                               config.tta_flip)
+        history.append({"val_loss": val.loss, "val_accuracy": metrics.report(matrix, split.classes)["accuracy"], "lr": lr})
+        schedule.end_epoch(val.loss)
     return {"history": history, "acc": accuracies(history), "images_per_s": float(np.mean(rates)), "epoch_rates": rates,
             "train_s": train_seconds}
 
@@ -115,8 +122,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64, help="per Ray worker; the plain loop uses workers x this")
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=TrainConfig.lr_schedule,
-                        help="as `simpsons-ray train` (default %(default)s)")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default="default", help="as `simpsons-ray train` (default %(default)s)")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="as `simpsons-ray train` (default: the recipe's)")
     parser.add_argument("--lr-patience", type=int, default=TrainConfig.lr_patience,
                         help="as `simpsons-ray train`; 0 keeps a plateau schedule's LR fixed (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternating Ray and plain")
@@ -130,8 +137,8 @@ def main() -> None:
     pairs = []
     with tempfile.TemporaryDirectory() as out:
         for repeat in range(args.repeats):
-            config = TrainConfig(
-                data_uri=args.data, output_uri=os.path.join(out, f"model{repeat}"), arch=args.arch, weights="none",
+            config = TrainConfig.for_recipe(
+                args.recipe, data_uri=args.data, output_uri=os.path.join(out, f"model{repeat}"), arch=args.arch, weights="none",
                 image_size=args.image_size, num_workers=args.num_workers, batch_size=args.batch_size,
                 finetune_epochs=args.epochs, patience=args.epochs,  # no early stop: both run every epoch
                 lr_schedule=args.lr_schedule, lr_patience=args.lr_patience or args.epochs, val_fraction=0.2, seed=0,
@@ -147,7 +154,7 @@ def main() -> None:
 
     print()
     print(f"data {args.data}  arch {args.arch}  image {args.image_size}px  epochs {args.epochs}  "
-          f"global batch {args.batch_size * args.num_workers}  LR {_schedule_words(args)}  "
+          f"global batch {args.batch_size * args.num_workers}  recipe {args.recipe}  LR {_schedule_words(config)}  "
           f"cpus {os.cpu_count()}  torch {torch.__version__}")
     head = f"{'run':<36} {'train img/s':>12} {'train s':>8} {'acc last':>13} {'acc best':>13} {'acc last3':>13}"
     print(head)
@@ -161,10 +168,10 @@ def main() -> None:
     print(" acc last3: mean of the last three epochs)")
 
 
-def _schedule_words(args: argparse.Namespace) -> str:
-    if args.lr_schedule == "cosine":
-        return "cosine to 0"
-    return "fixed" if not args.lr_patience else f"/10 after {args.lr_patience} flat epoch(s)"
+def _schedule_words(config: TrainConfig) -> str:
+    if config.lr_schedule == "cosine":
+        return f"{config.warmup_epochs:g} warm-up epoch(s), cosine to 0"
+    return "fixed" if config.lr_patience >= config.finetune_epochs else f"/10 after {config.lr_patience} flat epoch(s)"
 
 
 def _print_pair(repeat: int, ray_result: dict, plain: dict) -> None:

@@ -27,6 +27,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
@@ -36,61 +57,68 @@ def _fraction(text: str) -> float:
 
 # --------------------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from simpsons_ray.training import LR_SCHEDULES, TrainConfig as C
+    from simpsons_ray.preprocess import AUGMENT_POLICIES
+    from simpsons_ray.recipe import LR_SCHEDULES, OPTIMIZERS, RECIPES
+    from simpsons_ray.training import TrainConfig as C
 
+    # dest = the TrainConfig field each flag sets (see _run_train).
     p = sub.add_parser("train", help="fine-tune a ResNet on a Kaggle-layout folder with Ray Train")
-    p.add_argument("--data", required=True, help="training images, ROOT/<character>/*.jpg (local path or s3://)")
-    p.add_argument("--output", required=True, help="model artifact directory (local path or s3://); rerun to resume")
+    p.add_argument("--data", dest="data_uri", required=True, help="training images, ROOT/<character>/*.jpg (local path or s3://)")
+    p.add_argument("--output", dest="output_uri", required=True, help="model artifact directory (local path or s3://); rerun to resume")
     p.add_argument("--arch", default=C.arch, help="resnet18, resnet34, resnet50 or resnet101 (default %(default)s)")
     p.add_argument("--weights", default=C.weights, help="imagenet, none, or a state dict PATH_OR_URI (default %(default)s)")
     p.add_argument("--image-size", type=_positive_int, default=C.image_size, help="square input size (default %(default)s)")
     p.add_argument("--num-workers", type=_positive_int, default=C.num_workers, help="Ray Train workers (default %(default)s)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker, mixed precision")
+    p.add_argument("--gpu", dest="use_gpu", action="store_true", help="one GPU per worker, mixed precision")
     p.add_argument("--batch-size", type=_positive_int, default=C.batch_size, help="images per worker per step (default %(default)s)")
     p.add_argument("--frozen-epochs", type=int, default=C.frozen_epochs, help="phase 1: head only (default %(default)s)")
     p.add_argument("--finetune-epochs", type=int, default=C.finetune_epochs, help="phase 2: head + --unfreeze stages (default %(default)s)")
-    p.add_argument("--lr", type=float, default=C.lr, help="phase 1 learning rate (default %(default)s)")
-    p.add_argument("--finetune-lr", type=float, default=C.finetune_lr, help="phase 2 learning rate (default %(default)s)")
-    p.add_argument("--unfreeze", type=_csv, default=list(C.unfreeze), help="stages trained in phase 2, e.g. layer3,layer4 (default layer4)")
-    p.add_argument("--val-fraction", type=_fraction, default=C.val_fraction, help="held-out share per class (default %(default)s)")
+    p.add_argument("--unfreeze", type=lambda t: tuple(_csv(t)), default=C.unfreeze, help="stages trained in phase 2, e.g. layer3,layer4 (default layer4)")
+    p.add_argument("--val-fraction", type=_fraction, default=C.val_fraction,
+                   help="share per class for validation: early stopping, best epoch, LR schedule, calibration (default %(default)s)")
+    p.add_argument("--test-fraction", type=_unit_interval, default=C.test_fraction,
+                   help="share per class for test, scored once at the end and never used for a decision; 0: no test split (default %(default)s)")
     p.add_argument("--seed", type=int, default=C.seed, help="split and init seed (default %(default)s)")
     p.add_argument("--min-images-per-class", type=int, default=C.min_images_per_class, help="drop rarer characters (default %(default)s)")
     p.add_argument("--max-images-per-class", type=int, default=C.max_images_per_class, help="cap per character, for quick runs (default: no cap)")
     p.add_argument("--patience", type=int, default=C.patience, help="early stop after this many epochs without val-loss gain (default %(default)s)")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=C.lr_schedule,
-                   help="plateau: divide the LR by 10 after --lr-patience flat epochs; cosine: anneal it to 0 over each phase (default %(default)s)")
-    p.add_argument("--lr-patience", type=int, default=C.lr_patience, help="divide LR by 10 after this many flat epochs (default %(default)s)")
     p.add_argument("--max-failures", type=int, default=C.max_failures, help="worker failures to recover from (default %(default)s)")
+
+    r = p.add_argument_group("recipe", "--recipe sets every knob below; a knob's own flag overrides it. "
+                             "Defaults shown are the 'default' recipe's.")
+    d = RECIPES["default"]
+    r.add_argument("--recipe", choices=tuple(RECIPES), default="default",
+                   help="default: AdamW, warm-up + cosine, label smoothing, TrivialAugmentWide, weight EMA, flip TTA; "
+                        "notebook: the original notebook's Adam with the LR divided on plateau (default %(default)s)")
+    r.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default {d['optimizer']})")
+    r.add_argument("--lr", type=_positive_float, help=f"phase 1 learning rate, or the only phase's with --weights none (default {d['lr']})")
+    r.add_argument("--finetune-lr", type=_positive_float, help=f"phase 2 learning rate (default {d['finetune_lr']})")
+    r.add_argument("--weight-decay", type=_non_negative_float, help=f"decoupled with adamw, L2 with adam (default {d['weight_decay']})")
+    r.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help=f"cosine: warm-up then anneal to 0 over each phase, per step; plateau: divide the LR by 10 after "
+                        f"--lr-patience flat epochs (default {d['lr_schedule']})")
+    r.add_argument("--warmup-epochs", type=_non_negative_float, help=f"cosine: linear warm-up length (default {d['warmup_epochs']})")
+    r.add_argument("--lr-patience", type=int, help="plateau: flat epochs before the LR is divided (default 1)")
+    r.add_argument("--label-smoothing", type=_unit_interval, help=f"(default {d['label_smoothing']})")
+    r.add_argument("--augment", dest="augment_policy", choices=AUGMENT_POLICIES,
+                   help=f"policy on top of rotation/shift/zoom/flip (default {d['augment_policy']})")
+    r.add_argument("--random-erasing", type=_unit_interval, help=f"probability of erasing a rectangle (default {d['random_erasing']})")
+    r.add_argument("--mixup-alpha", type=_non_negative_float, help=f"0: off (default {d['mixup_alpha']})")
+    r.add_argument("--cutmix-alpha", type=_non_negative_float, help=f"0: off (default {d['cutmix_alpha']})")
+    r.add_argument("--ema-decay", type=_unit_interval, help=f"weight moving average per step; 0: off (default {d['ema_decay']})")
+    r.add_argument("--tta-flip", action=argparse.BooleanOptionalAction,
+                   help=f"score each image and its mirror, in validation, evaluate and label (default {d['tta_flip']})")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from simpsons_ray.training import TrainConfig, train
 
-    config = TrainConfig(
-        data_uri=args.data,
-        output_uri=args.output,
-        arch=args.arch,
-        weights=args.weights,
-        image_size=args.image_size,
-        num_workers=args.num_workers,
-        use_gpu=args.gpu,
-        batch_size=args.batch_size,
-        frozen_epochs=args.frozen_epochs,
-        finetune_epochs=args.finetune_epochs,
-        lr=args.lr,
-        finetune_lr=args.finetune_lr,
-        unfreeze=tuple(args.unfreeze),
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        min_images_per_class=args.min_images_per_class,
-        max_images_per_class=args.max_images_per_class,
-        patience=args.patience,
-        lr_schedule=args.lr_schedule,
-        lr_patience=args.lr_patience,
-        max_failures=args.max_failures,
-    )
-    train(config)
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | {"augment_policy", "random_erasing"}
+    settings = {k: v for k, v in vars(args).items() if k in names and k != "recipe"}
+    train(TrainConfig.for_recipe(args.recipe, **settings))
     return 0
 
 
@@ -151,13 +179,6 @@ def _run_query(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- label
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:

@@ -10,11 +10,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from simpsons_ray import datasets, metrics, storage
+from simpsons_ray import datasets, metrics, scoring, storage
 from simpsons_ray.errors import UserError
 from simpsons_ray.model import load_artifact, read_artifact_config
 from simpsons_ray.preprocess import ImageDecodeError, load_resized
-from simpsons_ray.training import evaluate
+from simpsons_ray.training import predict_logits
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,12 @@ def _decode(uri: str, image_size: int) -> np.ndarray | None:
 
 
 def evaluate_model(config: EvaluateConfig) -> dict[str, Any]:
-    """Print the per-class report (and a final JSON line with --json); return the metrics."""
+    """Print the per-class report (and a final JSON line with --json); return the metrics.
+
+    The model runs as it was trained to be used: its fitted temperature and, if it
+    was trained with it, flip test-time augmentation. Characters of the set that the
+    model does not know are named and left out of every number.
+    """
     read_artifact_config(config.model_uri)  # a wrong --model fails before the data is listed
     images = datasets.list_labelled_images(config.data_uri)
     artifact = load_artifact(config.model_uri)
@@ -64,12 +69,15 @@ def evaluate_model(config: EvaluateConfig) -> dict[str, Any]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     artifact.model.to(device)
-    _, matrix = evaluate(artifact.model, batches(), device, artifact.preprocess, len(artifact.classes))
-    result = metrics.report(matrix, artifact.classes)
-    result |= {"model_id": artifact.model_id, "skipped_images": len(skipped), "unknown_characters": unknown}
+    logits, labels = predict_logits(artifact.model, batches(), device, artifact.preprocess, artifact.tta_flip)
+    result = scoring.score(logits, labels, artifact.classes, artifact.temperature)
+    result |= {"model_id": artifact.model_id, "skipped_images": len(skipped), "unknown_characters": unknown,
+               "unscored_images": len(images) - len(known)}
     print(metrics.format_report(result))
+    print(scoring.format_headline("scored", result))
     if unknown:
-        print(f"ignored {len(images) - len(known)} images of characters the model does not know: {', '.join(unknown)}")
+        print(f"not scored: {len(images) - len(known)} images of {len(unknown)} character(s) the model does not know: "
+              f"{', '.join(unknown)}")
     if skipped:
         print(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0]}")
     if config.as_json:

@@ -155,6 +155,9 @@ class FramePredictor:
         self.top_k = min(top_k, len(artifact.classes))
         self.decode = decode
         self.preprocess = artifact.preprocess
+        # As the model was scored when trained: calibrated logits, mirror image averaged in.
+        self.temperature = artifact.temperature
+        self.tta_flip = artifact.tta_flip
 
     def predict(self, images: "np.ndarray | torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
         """Normalised float32 NHWC -> (top-k scores float32, top-k class indices int64), best first."""
@@ -167,7 +170,9 @@ class FramePredictor:
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision):
             logits = self.model(x)
-        probs = logits.float().softmax(dim=1)
+            if self.tta_flip:
+                logits = (logits + self.model(torch.flip(x, dims=[3]))) / 2
+        probs = (logits.float() / self.temperature).softmax(dim=1)
         scores, indices = probs.topk(self.top_k, dim=1)
         return scores.cpu().numpy().astype(np.float32), indices.cpu().numpy().astype(np.int64)
 

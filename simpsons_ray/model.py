@@ -5,7 +5,7 @@ A model artifact is a directory (local or ``s3://``)::
     model.pt                 state dict (loaded with weights_only=True: no code runs)
     config.json              arch, head sizes, preprocessing, training flags
     classes.json             class names in output order
-    metrics.json, confusion_matrix.csv/png, curves.png   (written by training)
+    metrics.json, confusion_matrix.csv/png, curves.png, reliability.png   (written by training)
 """
 
 from __future__ import annotations
@@ -39,17 +39,23 @@ ARTIFACT_FORMAT = 1
 
 
 def build_model(arch: str, num_classes: int, head_hidden: int = 512, dropout: float = 0.5) -> nn.Module:
-    """A randomly initialised ResNet whose fc is GAP -> Linear(hidden) -> ReLU -> Dropout -> Linear."""
+    """A randomly initialised ResNet whose fc is GAP -> Linear(hidden) -> ReLU -> Dropout -> Linear.
+
+    ``head_hidden=0`` gives torchvision's own head, GAP -> Dropout -> Linear.
+    """
     if arch not in ARCHS:
         raise UserError(f"Unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}.")
     model = ARCHS[arch][0](weights=None)
     # ResNet already ends in global average pooling (model.avgpool); only fc changes.
-    model.fc = nn.Sequential(
-        nn.Linear(model.fc.in_features, head_hidden),
-        nn.ReLU(inplace=True),
-        nn.Dropout(dropout),
-        nn.Linear(head_hidden, num_classes),
-    )
+    if head_hidden:
+        model.fc = nn.Sequential(
+            nn.Linear(model.fc.in_features, head_hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(head_hidden, num_classes),
+        )
+    else:
+        model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(model.fc.in_features, num_classes))
     return model
 
 
@@ -175,8 +181,13 @@ def save_artifact(
     head_hidden: int = 512,
     dropout: float = 0.5,
     training: dict[str, Any] | None = None,
+    inference: dict[str, Any] | None = None,
 ) -> str:
-    """Write weights, config.json and classes.json; returns the model id."""
+    """Write weights, config.json and classes.json; returns the model id.
+
+    ``inference`` holds how the model is run: ``temperature`` (logits are divided by
+    it before the softmax) and ``tta_flip`` (average over the mirror image).
+    """
     weights = model if isinstance(model, bytes) else state_dict_bytes(model)
     model_id = weights_id(weights, arch)
     config = {
@@ -187,6 +198,9 @@ def save_artifact(
         "head_hidden": head_hidden,
         "dropout": dropout,
         **preprocess.to_dict(),
+        "temperature": 1.0,
+        "tta_flip": False,
+        **(inference or {}),
         "training": training or {},
     }
     storage.write_bytes(storage.join(model_dir, WEIGHTS_FILE), weights)
@@ -208,6 +222,15 @@ class Artifact:
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_model_config(self.config)
+
+    @property
+    def temperature(self) -> float:
+        """Divide the logits by this before the softmax (1.0 for artifacts older than calibration)."""
+        return float(self.config.get("temperature", 1.0))
+
+    @property
+    def tta_flip(self) -> bool:
+        return bool(self.config.get("tta_flip", False))
 
 
 def read_artifact_config(model_dir: str) -> tuple[dict[str, Any], list[str]]:

@@ -315,12 +315,14 @@ def training_curves(history: list[dict], uri: str) -> None:
     _save_figure(fig, uri)
 
 
-def confusion_matrix(matrix: np.ndarray, classes: list[str], uri: str) -> None:
+def confusion_matrix(matrix: np.ndarray, classes: list[str], uri: str, title: str = "") -> None:
     """Row-normalised confusion matrix (true rows, predicted columns) with counts."""
     n = len(classes)
     side = max(500, 40 * n + 250)
     fig = _new_figure(side, side)
     ax = fig.subplots()
+    if title:
+        ax.set_title(title)
     rows = np.asarray(matrix, dtype=np.float64)
     share = rows / np.maximum(rows.sum(axis=1, keepdims=True), 1)
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
@@ -334,4 +336,27 @@ def confusion_matrix(matrix: np.ndarray, classes: list[str], uri: str) -> None:
                 if matrix[i][j]:
                     ax.text(j, i, int(matrix[i][j]), ha="center", va="center", fontsize=7,
                             color="white" if share[i, j] > 0.5 else "black")
+    _save_figure(fig, uri)
+
+
+RELIABILITY_PX = (1000, 500)
+
+
+def reliability_diagram(curves: dict, uri: str) -> None:
+    """Accuracy against top-1 confidence per bin, one line per curve (``calibration.Reliability``), plus bin counts.
+
+    A calibrated model lies on the diagonal; the legend gives each curve's ECE.
+    """
+    fig = _new_figure(*RELIABILITY_PX)
+    ax, counts = fig.subplots(1, 2)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for name, rel in curves.items():
+        used = rel.count > 0
+        ax.plot(rel.confidence[used], rel.accuracy[used], marker="o", markersize=4, label=f"{name} (ECE {rel.ece:.3f})")
+        centers = (rel.edges[:-1] + rel.edges[1:]) / 2
+        counts.plot(centers, rel.count, marker=".", label=name)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy", title="Reliability")
+    ax.legend(fontsize=8, loc="upper left")
+    counts.set(xlim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="images per bin", title="Confidence histogram")
+    counts.legend(fontsize=8, loc="upper left")
     _save_figure(fig, uri)

@@ -151,19 +151,24 @@ def normalize_array(images: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return out
 
 
+AUGMENT_POLICIES = ("none", "trivialaugment", "randaugment")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training-only augmentation: the Keras ImageDataGenerator set the notebook used."""
+    """Training-only augmentation: the notebook's geometric set, then an optional policy and erasing."""
 
     rotation_deg: float = 15.0
     shift: float = 0.1  # fraction of width/height
     zoom: float = 0.1  # scale in [1 - zoom, 1 + zoom]
     hflip: bool = True
+    policy: str = "none"  # one of AUGMENT_POLICIES (torchvision's automatic augmentation)
+    erasing: float = 0.0  # probability of RandomErasing one rectangle
 
 
 @dataclass
 class TrainAugment:
-    """Random rotation, shift, zoom and horizontal flip on one uint8 HWC image."""
+    """Random rotation, shift, zoom, horizontal flip, [policy], [erasing] on one uint8 HWC image."""
 
     config: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -171,6 +176,8 @@ class TrainAugment:
         from torchvision.transforms import v2
 
         c = self.config
+        if c.policy not in AUGMENT_POLICIES:
+            raise ValueError(f"unknown augmentation policy {c.policy!r}")
         ops = [
             v2.RandomAffine(
                 degrees=c.rotation_deg,
@@ -181,6 +188,14 @@ class TrainAugment:
         ]
         if c.hflip:
             ops.append(v2.RandomHorizontalFlip())
+        # torchvision's classification presets: the policy after the geometric crop/flip,
+        # erasing last; both on uint8, erased pixels set to the mean colour (0 once normalised).
+        if c.policy == "trivialaugment":
+            ops.append(v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR))
+        elif c.policy == "randaugment":
+            ops.append(v2.RandAugment(interpolation=v2.InterpolationMode.BILINEAR))
+        if c.erasing > 0:
+            ops.append(v2.RandomErasing(p=c.erasing, value=[round(255 * m) for m in IMAGENET_MEAN]))
         self._transform = v2.Compose(ops)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:

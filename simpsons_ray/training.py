@@ -32,13 +32,11 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
-from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
-from simpsons_ray import datasets, metrics, storage
+from simpsons_ray import calibration, datasets, metrics, scoring, storage, training_data
 from simpsons_ray.errors import UserError
 from simpsons_ray.model import (
     build_model,
@@ -48,7 +46,17 @@ from simpsons_ray.model import (
     set_trainable,
     trainable_parameters,
 )
-from simpsons_ray.preprocess import AugmentConfig, ImageDecodeError, PreprocessConfig, TrainAugment, load_resized, normalize
+from simpsons_ray.preprocess import AUGMENT_POLICIES, AugmentConfig, PreprocessConfig, normalize
+from simpsons_ray.recipe import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    RECIPES,
+    BatchMix,
+    LrSchedule,
+    WeightEma,
+    flip_tta,
+    make_optimizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +64,16 @@ CHECKPOINT_RUN_NAME = "_train"  # OUTPUT/_train/: Ray Train's checkpoints and ru
 STATE_FILE = "state.pt"
 
 
+_DEFAULT = RECIPES["default"]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run depends on; saved in the artifact's config.json."""
+    """Everything a training run depends on; saved in the artifact's config.json.
+
+    The recipe knobs' defaults are the "default" recipe's; :meth:`for_recipe` gives
+    another recipe's, with single knobs overridden on top.
+    """
 
     data_uri: str = ""
     output_uri: str = ""
@@ -70,25 +85,50 @@ class TrainConfig:
     batch_size: int = 32  # per worker
     frozen_epochs: int = 5
     finetune_epochs: int = 10
-    lr: float = 1e-3
-    finetune_lr: float = 1e-4
     unfreeze: tuple[str, ...] = ("layer4",)
-    val_fraction: float = 0.2
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
     seed: int = 0
     min_images_per_class: int = 0
     max_images_per_class: int | None = None
     patience: int = 3  # epochs without a val-loss improvement before a phase stops
-    lr_schedule: str = "plateau"  # or "cosine"; see make_scheduler
-    lr_patience: int = 1  # flat epochs before ReduceLROnPlateau divides the LR
-    lr_factor: float = 0.1
     max_failures: int = 2
     head_hidden: int = 512
     dropout: float = 0.5
-    augment: AugmentConfig = AugmentConfig()
+    # The recipe (see simpsons_ray.recipe).
+    recipe: str = "default"
+    optimizer: str = _DEFAULT["optimizer"]
+    lr: float = _DEFAULT["lr"]
+    finetune_lr: float = _DEFAULT["finetune_lr"]
+    weight_decay: float = _DEFAULT["weight_decay"]
+    lr_schedule: str = _DEFAULT["lr_schedule"]
+    warmup_epochs: float = _DEFAULT["warmup_epochs"]
+    lr_patience: int = 1  # plateau: flat epochs before the LR is divided
+    lr_factor: float = 0.1
+    label_smoothing: float = _DEFAULT["label_smoothing"]
+    mixup_alpha: float = _DEFAULT["mixup_alpha"]
+    cutmix_alpha: float = _DEFAULT["cutmix_alpha"]
+    ema_decay: float = _DEFAULT["ema_decay"]
+    tta_flip: bool = _DEFAULT["tta_flip"]
+    augment: AugmentConfig = AugmentConfig(policy=_DEFAULT["augment_policy"], erasing=_DEFAULT["random_erasing"])
 
     # Settings that may change between a run and its resumption (where it runs,
     # not what it learns).
     RESUMABLE_CHANGES = ("num_workers", "use_gpu", "max_failures")
+
+    @classmethod
+    def for_recipe(cls, recipe: str = "default", **settings: Any) -> "TrainConfig":
+        """``recipe``'s knobs, then ``settings`` on top (a None setting keeps the recipe's value).
+
+        ``augment_policy`` and ``random_erasing`` go into ``augment``.
+        """
+        if recipe not in RECIPES:
+            raise UserError(f"--recipe {recipe} is not one of {', '.join(RECIPES)}.")
+        knobs = RECIPES[recipe] | {k: v for k, v in settings.items() if v is not None}
+        augment = dataclasses.replace(
+            knobs.pop("augment", AugmentConfig()), policy=knobs.pop("augment_policy"), erasing=knobs.pop("random_erasing")
+        )
+        return cls(recipe=recipe, augment=augment, **knobs)
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -142,6 +182,10 @@ def _to_input(images: torch.Tensor, device: torch.device, preprocess: Preprocess
     return x
 
 
+def _forward(model: nn.Module, x: torch.Tensor, tta_flip: bool) -> torch.Tensor:
+    return flip_tta(model, x) if tta_flip else model(x)
+
+
 @dataclass
 class EpochStats:
     loss_sum: float = 0.0
@@ -158,31 +202,53 @@ class EpochStats:
         return self.correct / max(self.count, 1)
 
 
+@dataclass
+class StepRecipe:
+    """The recipe's per-step parts; with none of them, a step is plain Adam-style cross-entropy."""
+
+    label_smoothing: float = 0.0
+    mix: BatchMix | None = None
+    ema: WeightEma | None = None
+    schedule: LrSchedule | None = None
+    epochs_done: int = 0  # in this phase, for the schedule's progress
+    steps_per_epoch: int = 0
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     preprocess: PreprocessConfig,
+    recipe: StepRecipe | None = None,
 ) -> EpochStats:
     """One pass over ``batches`` ({"image": uint8 NHWC, "label": int64}); BN of frozen stages stays frozen."""
+    recipe = recipe or StepRecipe()
     model.train()
     freeze_frozen_batchnorm(model)
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    loss_fn = nn.CrossEntropyLoss(reduction="sum", label_smoothing=recipe.label_smoothing)
     stats = EpochStats()
     start = time.perf_counter()
-    for batch in batches:
+    for step, batch in enumerate(batches):
+        if recipe.schedule is not None:
+            recipe.schedule.set_progress(recipe.epochs_done + step / max(recipe.steps_per_epoch, 1))
         x = _to_input(batch["image"], device, preprocess)
         y = batch["label"].to(device, non_blocking=True)
+        target = y
+        if recipe.mix is not None and recipe.mix.enabled:
+            x, target = recipe.mix(x, y)  # soft targets, each row sums to 1
         with _autocast(device):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         (loss / len(y)).backward()
         optimizer.step()
+        if recipe.ema is not None:
+            recipe.ema.update_parameters(getattr(model, "module", model))  # unwrap DDP
         # .item() is a CPU-GPU sync point; once per step is cheap next to the step.
         stats.loss_sum += loss.item()
-        stats.correct += int((logits.argmax(1) == y).sum().item())
+        truth = target.argmax(1) if target.ndim == 2 else y
+        stats.correct += int((logits.argmax(1) == truth).sum().item())
         stats.count += len(y)
     stats.seconds = time.perf_counter() - start
     return stats
@@ -195,8 +261,9 @@ def evaluate(
     device: torch.device,
     preprocess: PreprocessConfig,
     num_classes: int,
+    tta_flip: bool = False,
 ) -> tuple[EpochStats, np.ndarray]:
-    """Loss, accuracy and confusion matrix over ``batches``."""
+    """Loss (plain cross-entropy, i.e. NLL), accuracy and confusion matrix over ``batches``."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     stats = EpochStats()
@@ -205,13 +272,33 @@ def evaluate(
         x = _to_input(batch["image"], device, preprocess)
         y = batch["label"].to(device)
         with _autocast(device):
-            logits = model(x).float()
+            logits = _forward(model, x, tta_flip).float()
         stats.loss_sum += loss_fn(logits, y).item()
         pred = logits.argmax(1)
         stats.correct += int((pred == y).sum().item())
         stats.count += len(y)
         matrix += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes * num_classes)
     return stats, matrix.view(num_classes, num_classes).numpy()
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    preprocess: PreprocessConfig,
+    tta_flip: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(logits float32 [N, classes], labels int64 [N]) over ``batches``, for metrics and calibration."""
+    model.eval()
+    logits, labels = [], []
+    for batch in batches:
+        with _autocast(device):
+            logits.append(_forward(model, _to_input(batch["image"], device, preprocess), tta_flip).float().cpu())
+        labels.append(batch["label"].cpu())
+    if not logits:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy().astype(np.int64)
 
 
 class EarlyStopping:
@@ -233,29 +320,6 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
-LR_SCHEDULES = ("plateau", "cosine")
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, phase_epochs: int):
-    """A phase's LR schedule, stepped once per epoch by ``step_scheduler``.
-
-    "plateau" divides the LR by ``lr_factor`` after ``lr_patience`` epochs without a
-    lower validation loss, so when it fires depends on one noisy epoch. "cosine"
-    anneals from the phase's LR towards 0 over its epochs, the same LR at every epoch
-    whatever validation does, so that two runs can be compared epoch for epoch.
-    """
-    if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=phase_epochs)
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
-
-
-def step_scheduler(scheduler, val_loss: float) -> None:
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(val_loss)
-    else:
-        scheduler.step()
-
-
 # --------------------------------------------------------------------- checkpoint state
 @dataclass
 class TrainState:
@@ -269,8 +333,9 @@ class TrainState:
     scheduler: dict | None = None
     best_loss: float = math.inf
     bad_epochs: int = 0
-    best_model: dict | None = None
+    best_model: dict | None = None  # what validation scored: the weight average when there is one
     best_epoch: int = -1
+    ema: dict | None = None  # the weight average mid-phase
     history: list | None = None
     done: bool = False
 
@@ -340,110 +405,175 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    config = TrainConfig.from_dict(loop_config["config"])
-    num_classes = len(loop_config["classes"])
     torch.set_num_threads(loop_config["threads"])
     context = ray.train.get_context()  # Ray: who am I
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()  # Ray: this worker's GPU, or CPU
-    preprocess = config.preprocess
+    worker = _Worker(
+        config=TrainConfig.from_dict(loop_config["config"]),
+        num_classes=len(loop_config["classes"]),
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),  # Ray: this worker's GPU, or CPU
+        train_shard=ray.train.get_dataset_shard("train"),  # Ray: this worker's shard
+        val_shard=ray.train.get_dataset_shard("val"),
+        train_images=loop_config["train_images"],
+    )
+    worker.run(_restored_state(worker.config))
 
-    torch.manual_seed(config.seed)
-    model = build_model(config.arch, num_classes, config.head_hidden, config.dropout)
-    load_backbone_weights(model, config.arch, config.weights)
-    state = TrainState(history=[])
+
+def _restored_state(config: TrainConfig) -> TrainState:
+    """The latest checkpoint's state, or a fresh one."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()  # Ray: the latest reported checkpoint, after a failure or a rerun
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            with open(os.path.join(directory, STATE_FILE), "rb") as f:
-                state = TrainState.from_bytes(f.read())
-    else:
-        state = newest_stored_state(config.output_uri) or state
-    if state.model is not None:
-        model.load_state_dict(state.model)
-        if rank == 0:
-            _say(f"resuming from epoch {state.epoch} (phase {state.phase_index + 1}, best val_loss {state.best_loss:.4f})")
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    if checkpoint is None:
+        return newest_stored_state(config.output_uri) or TrainState(history=[])
+    with checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, STATE_FILE), "rb") as f:
+            return TrainState.from_bytes(f.read())
 
-    train_shard = ray.train.get_dataset_shard("train")  # Ray: this worker's shard
-    augment_collate = AugmentingCollate(config.augment)
-    val_shard = ray.train.get_dataset_shard("val")
-    phases = plan_phases(config)
-    total_epochs = sum(p.epochs for p in phases)
 
-    while not state.done and state.phase_index < len(phases):
-        phase = phases[state.phase_index]
-        set_trainable(model, phase.trainable)
-        params = trainable_parameters(model)
-        optimizer = torch.optim.Adam(params, lr=phase.lr)
-        scheduler = make_scheduler(optimizer, config, phase.epochs)
-        if state.optimizer is not None and state.epoch_in_phase > 0:
-            optimizer.load_state_dict(state.optimizer)
-            scheduler.load_state_dict(state.scheduler)
-        stopper = EarlyStopping(config.patience, state.best_loss if state.epoch_in_phase else math.inf, state.bad_epochs)
+@dataclass
+class _PhaseParts:
+    """What one phase trains with; rebuilt at every phase start, restored mid-phase from the checkpoint."""
+
+    phase: Phase
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    stopper: EarlyStopping
+    ddp: nn.Module  # the model as the training step sees it (DDP-wrapped on several workers)
+    ema: WeightEma | None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation scores and the artifact keeps: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else getattr(self.ddp, "module", self.ddp)
+
+
+@dataclass
+class _Worker:
+    """One Ray Train worker's run: phases of epochs of train, validate, record, checkpoint."""
+
+    config: TrainConfig
+    num_classes: int
+    rank: int
+    world_size: int
+    device: torch.device
+    train_shard: Any
+    val_shard: Any
+    train_images: int
+
+    def run(self, state: TrainState) -> None:
+        c = self.config
+        torch.manual_seed(c.seed)
+        model = build_model(c.arch, self.num_classes, c.head_hidden, c.dropout)
+        load_backbone_weights(model, c.arch, c.weights)
+        if state.model is not None:
+            model.load_state_dict(state.model)
+            self._say(f"resuming from epoch {state.epoch} (phase {state.phase_index + 1}, best val_loss {state.best_loss:.4f})")
+        model.to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model, self.state = model, state
+        self.phases = plan_phases(c)
+        self.mix = BatchMix(self.num_classes, c.mixup_alpha, c.cutmix_alpha)
+        self.augment_collate = training_data.AugmentingCollate(c.augment)
+        # Each worker sees about 1/world of the training images per epoch.
+        self.steps_per_epoch = max(1, math.ceil(self.train_images / (c.batch_size * self.world_size)))
+        while not state.done and state.phase_index < len(self.phases):
+            parts = self._start_phase(self.phases[state.phase_index])
+            while not self._epoch(parts):
+                pass
+
+    def _start_phase(self, phase: Phase) -> _PhaseParts:
+        c, s = self.config, self.state
+        set_trainable(self.model, phase.trainable)
+        optimizer = make_optimizer(trainable_parameters(self.model), c.optimizer, phase.lr, c.weight_decay)
+        schedule = LrSchedule(optimizer, c.lr_schedule, phase.lr, phase.epochs, c.warmup_epochs, c.lr_patience, c.lr_factor)
+        ema = WeightEma(self.model, c.ema_decay) if c.ema_decay > 0 else None
+        if s.epoch_in_phase > 0:  # resuming mid-phase
+            if s.optimizer is not None:
+                optimizer.load_state_dict(s.optimizer)
+                schedule.load_state_dict(s.scheduler or {})
+            if ema is not None and s.ema is not None:
+                ema.load_state_dict(s.ema)
+        stopper = EarlyStopping(c.patience, s.best_loss if s.epoch_in_phase else math.inf, s.bad_epochs)
         # DDP only syncs the parameters that require grad when it wraps the model,
         # so it is wrapped again whenever a phase changes what trains.
-        ddp = _distributed(model, device) if world_size > 1 else model
+        ddp = _distributed(self.model, self.device) if self.world_size > 1 else self.model
+        return _PhaseParts(phase, optimizer, schedule, stopper, ddp, ema)
 
-        while state.epoch_in_phase < phase.epochs:
-            batches = train_shard.iter_torch_batches(
-                batch_size=config.batch_size,
-                local_shuffle_buffer_size=4 * config.batch_size,
-                prefetch_batches=2,
-                collate_fn=augment_collate,
-            )
-            train_stats = _global(train_one_epoch(ddp, batches, optimizer, device, preprocess))
-            val_batches = val_shard.iter_torch_batches(batch_size=max(64, config.batch_size), prefetch_batches=2)
-            _use_rank0_buffers(model)
-            val_stats = _global(evaluate(model, val_batches, device, preprocess, num_classes)[0])
+    def _epoch(self, parts: _PhaseParts) -> bool:
+        """Train and validate one epoch, record it, checkpoint; True when the phase is over."""
+        c, s = self.config, self.state
+        parts.schedule.set_progress(s.epoch_in_phase)
+        lr = parts.optimizer.param_groups[0]["lr"]
+        batches = self.train_shard.iter_torch_batches(
+            batch_size=c.batch_size, local_shuffle_buffer_size=4 * c.batch_size, prefetch_batches=2, collate_fn=self.augment_collate
+        )
+        step = StepRecipe(c.label_smoothing, self.mix, parts.ema, parts.schedule, s.epoch_in_phase, self.steps_per_epoch)
+        train_stats = _global(train_one_epoch(parts.ddp, batches, parts.optimizer, self.device, c.preprocess, step))
+        val_stats = self._validate(parts.eval_model)
+        row = self._record(parts, train_stats, val_stats, lr)
+        phase_over = self._advance(parts, val_stats)
+        s.model = _cpu_state(self.model)
+        _report(s, row, self.rank)
+        return phase_over
 
-            lr = optimizer.param_groups[0]["lr"]
-            step_scheduler(scheduler, val_stats.loss)
-            improved = stopper.step(val_stats.loss)
-            overall_improved = val_stats.loss < state.best_loss - 1e-6
-            if overall_improved:
-                state.best_loss, state.best_model, state.best_epoch = val_stats.loss, _cpu_state(model), state.epoch
-            images_per_s = train_stats.count / max(train_stats.seconds, 1e-9)
-            row = {
-                "epoch": state.epoch + 1,
-                "phase": phase.name,
-                "lr": lr,
-                "train_loss": train_stats.loss,
-                "train_accuracy": train_stats.accuracy,
-                "val_loss": val_stats.loss,
-                "val_accuracy": val_stats.accuracy,
-                "images_per_s": images_per_s,
-                "train_images": train_stats.count,
-            }
-            state.history.append(row)
-            state.epoch += 1
-            state.epoch_in_phase += 1
-            state.bad_epochs = stopper.bad_epochs
-            stop_phase = stopper.should_stop and state.epoch_in_phase < phase.epochs
-            if rank == 0:
-                _say(
-                    f"epoch {state.epoch:>3}/{total_epochs} [{phase.name}] train_loss {train_stats.loss:.4f} "
-                    f"val_loss {val_stats.loss:.4f} val_acc {val_stats.accuracy:.4f} lr {lr:.1e} "
-                    f"{images_per_s:,.0f} img/s" + (" *" if improved else "") + ("  early stop" if stop_phase else "")
-                )
-            if stop_phase:
-                state.epoch_in_phase = phase.epochs
-            phase_over = state.epoch_in_phase >= phase.epochs
-            if phase_over:
-                # The next phase starts from the best weights so far, not the last.
-                state.phase_index += 1
-                state.epoch_in_phase, state.optimizer, state.scheduler, state.bad_epochs = 0, None, None, 0
-                state.done = state.phase_index >= len(phases)
-                if state.best_model is not None:
-                    model.load_state_dict(state.best_model)
-            else:
-                state.optimizer, state.scheduler = optimizer.state_dict(), scheduler.state_dict()
-            state.model = _cpu_state(model)
-            _report(state, row, rank)
-            if phase_over:
-                break
+    def _validate(self, model: nn.Module) -> EpochStats:
+        _use_rank0_buffers(model)
+        batches = self.val_shard.iter_torch_batches(batch_size=max(64, self.config.batch_size), prefetch_batches=2)
+        return _global(evaluate(model, batches, self.device, self.config.preprocess, self.num_classes, self.config.tta_flip)[0])
+
+    def _record(self, parts: _PhaseParts, train_stats: EpochStats, val_stats: EpochStats, lr: float) -> dict[str, Any]:
+        """Append the epoch to the history; keep the weights if validation is the best so far."""
+        s = self.state
+        parts.schedule.end_epoch(val_stats.loss)
+        improved = parts.stopper.step(val_stats.loss)
+        if val_stats.loss < s.best_loss - 1e-6:
+            s.best_loss, s.best_model, s.best_epoch = val_stats.loss, _cpu_state(parts.eval_model), s.epoch
+        images_per_s = train_stats.count / max(train_stats.seconds, 1e-9)
+        row = {
+            "epoch": s.epoch + 1,
+            "phase": parts.phase.name,
+            "lr": lr,
+            "train_loss": train_stats.loss,
+            "train_accuracy": train_stats.accuracy,
+            "val_loss": val_stats.loss,
+            "val_accuracy": val_stats.accuracy,
+            "images_per_s": images_per_s,
+            "train_images": train_stats.count,
+        }
+        s.history.append(row)
+        s.epoch += 1
+        s.epoch_in_phase += 1
+        s.bad_epochs = parts.stopper.bad_epochs
+        total = sum(p.epochs for p in self.phases)
+        stop_early = parts.stopper.should_stop and s.epoch_in_phase < parts.phase.epochs
+        self._say(
+            f"epoch {s.epoch:>3}/{total} [{parts.phase.name}] train_loss {train_stats.loss:.4f} "
+            f"val_loss {val_stats.loss:.4f} val_acc {val_stats.accuracy:.4f} lr {lr:.1e} "
+            f"{images_per_s:,.0f} img/s" + (" *" if improved else "") + ("  early stop" if stop_early else "")
+        )
+        return row
+
+    def _advance(self, parts: _PhaseParts, val_stats: EpochStats) -> bool:
+        """Keep the phase's optimizer state for a restart, or end the phase; True when it ended."""
+        s = self.state
+        if not parts.stopper.should_stop and s.epoch_in_phase < parts.phase.epochs:
+            s.optimizer, s.scheduler = parts.optimizer.state_dict(), parts.schedule.state_dict()
+            s.ema = _cpu_state(parts.ema) if parts.ema is not None else None
+            return False
+        # The next phase starts from the best weights so far, not the last.
+        s.phase_index += 1
+        s.epoch_in_phase, s.optimizer, s.scheduler, s.ema, s.bad_epochs = 0, None, None, None, 0
+        s.done = s.phase_index >= len(self.phases)
+        if s.best_model is not None:
+            self.model.load_state_dict(s.best_model)
+        return True
+
+    def _say(self, line: str) -> None:
+        if self.rank == 0:
+            _say(line)
 
 
 def _distributed(model: nn.Module, device: torch.device) -> nn.Module:
@@ -479,70 +609,15 @@ def _report(state: TrainState, row: dict[str, Any], rank: int) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-# --------------------------------------------------------------------- Ray Data inputs
-def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Read and decode one batch of image URIs; bad files are flagged, never fatal."""
-    images = np.zeros((len(batch["uri"]), image_size, image_size, 3), dtype=np.uint8)
-    errors = []
-    for i, uri in enumerate(batch["uri"]):
-        try:
-            images[i] = load_resized(storage.read_bytes(str(uri)), image_size)
-            errors.append("")
-        except (ImageDecodeError, OSError) as exc:
-            errors.append(str(exc) or type(exc).__name__)
-    return {"image": images, "label": batch["label_index"].astype(np.int64), "uri": batch["uri"], "error": np.array(errors, dtype=object)}
-
-
-class AugmentingCollate(NumpyBatchCollateFn):
-    """Fresh random augmentation of every training batch, on every epoch.
-
-    Ray Data calls it on the training worker, in the iterator's prefetch thread,
-    so it overlaps the training step. As a ``map_batches`` stage it would need a
-    Ray Data task, and with it a new worker process, at every start of the
-    pipeline: 5-9 s before the first batch on a 2-core machine, more than a third
-    of an epoch of the benchmark. Decoding, the expensive part, stays in Ray Data
-    and is done once.
-    """
-
-    def __init__(self, augment: AugmentConfig):
-        self._augment = TrainAugment(augment)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {"image": torch.from_numpy(self._augment.batch(batch["image"])), "label": torch.from_numpy(batch["label"])}
-
-
-def _decoded_dataset(table: pd.DataFrame, image_size: int, seed: int):
-    import ray.data
-
-    # Shuffle the file list once (seeded) so that blocks mix characters; the
-    # listing is sorted by folder, i.e. by class.
-    table = table.sample(frac=1.0, random_state=seed).reset_index(drop=True)[["uri", "label_index"]]
-    num_blocks = max(4, math.ceil(len(table) / 256))
-    return (
-        ray.data.from_items(table.to_dict("records"), override_num_blocks=num_blocks)
-        .map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=64)
-        .materialize()  # decode once; every epoch re-reads these uint8 blocks
-    )
-
-
-def _drop_unreadable(decoded, what: str) -> tuple[Any, list[dict[str, str]]]:
-    from ray.data.expressions import col
-
-    bad = decoded.filter(expr=col("error") != "").select_columns(["uri", "error"]).take_all()
-    good = decoded.filter(expr=col("error") == "").select_columns(["image", "label"]).materialize()
-    skipped = [{"uri": str(r["uri"]), "error": str(r["error"])} for r in bad]
-    if skipped:
-        first = skipped[0]
-        print(f"skipped {len(skipped)} unreadable {what} image(s), e.g. {first['uri']}: {first['error']}")
-    return good, skipped
-
-
 # --------------------------------------------------------------------------- driver
 def _check_inputs(config: TrainConfig) -> None:
     if config.weights not in ("none", "imagenet") and not storage.exists(config.weights):
         raise UserError(f"--weights {config.weights} does not exist: give a state dict path or URI, 'imagenet' or 'none'.")
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise UserError(f"--lr-schedule {config.lr_schedule} is not one of {', '.join(LR_SCHEDULES)}.")
+    # argparse checks these for the CLI; callers of train() from Python get the same sentence.
+    for flag, value, choices in (("--lr-schedule", config.lr_schedule, LR_SCHEDULES), ("--optimizer", config.optimizer, OPTIMIZERS),
+                                 ("--augment", config.augment.policy, AUGMENT_POLICIES), ("--recipe", config.recipe, tuple(RECIPES))):
+        if value not in choices:
+            raise UserError(f"{flag} {value} is not one of {', '.join(choices)}.")
     if not plan_phases(config):
         raise UserError("Nothing to train: --frozen-epochs and --finetune-epochs are both 0.")
     # An unknown --arch or --unfreeze stage -> one sentence now, not on the workers.
@@ -555,8 +630,7 @@ def _check_resume(config: TrainConfig) -> None:
     record_uri = storage.join(config.output_uri, CHECKPOINT_RUN_NAME, "run.json")
     mine = config.to_dict()
     if storage.exists(record_uri):
-        # A record written before a setting existed ran with that setting's default.
-        theirs = TrainConfig().to_dict() | storage.read_json(record_uri)
+        theirs = _recorded_config(storage.read_json(record_uri))
         differ = sorted(
             k for k in set(mine) | set(theirs) if k not in TrainConfig.RESUMABLE_CHANGES and mine.get(k) != theirs.get(k)
         )
@@ -569,6 +643,18 @@ def _check_resume(config: TrainConfig) -> None:
     storage.write_json(record_uri, mine)
 
 
+def _recorded_config(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record as a full config: a setting it lacks ran with the default of its day.
+
+    Records older than ``--recipe`` ran the notebook's recipe, without a test split.
+    """
+    legacy = "recipe" not in record
+    base = TrainConfig.for_recipe("notebook", test_fraction=0.0) if legacy else TrainConfig.for_recipe(record["recipe"])
+    merged = base.to_dict() | record
+    merged["augment"] = base.to_dict()["augment"] | record.get("augment", {})
+    return merged
+
+
 def _cpus_per_worker(config: TrainConfig) -> float:
     """Leave at least one CPU for Ray Data, or the input pipeline can never run."""
     import ray
@@ -579,6 +665,22 @@ def _cpus_per_worker(config: TrainConfig) -> float:
     return max(0.25, min(1.0, (cpus - 1) / config.num_workers))
 
 
+def _split(config: TrainConfig) -> tuple[datasets.Split, dict[str, int]]:
+    """List, filter, cap and split the labelled images; returns the split and the dropped classes."""
+    images = datasets.list_labelled_images(config.data_uri)
+    images, dropped = datasets.filter_classes(images, config.min_images_per_class)
+    if dropped:
+        print(f"dropped {len(dropped)} character(s) with fewer than {config.min_images_per_class} images: "
+              + ", ".join(f"{k} ({v})" for k, v in dropped.items()))
+    images = datasets.cap_per_class(images, config.max_images_per_class, config.seed)
+    split = datasets.stratified_split(images, config.val_fraction, config.seed, config.test_fraction)
+    if len(split.classes) < 2:
+        raise UserError(f"Only one character ({split.classes[0]}) under {config.data_uri}: training needs at least two.")
+    print(f"{len(split.train)} training, {len(split.val)} validation and {len(split.test)} test images "
+          f"of {len(split.classes)} characters")
+    return split, dropped
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train and write a complete model artifact to ``config.output_uri``; returns its metrics."""
     import ray
@@ -586,23 +688,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     _check_inputs(config)
-    images = datasets.list_labelled_images(config.data_uri)
-    images, dropped = datasets.filter_classes(images, config.min_images_per_class)
-    if dropped:
-        print(f"dropped {len(dropped)} character(s) with fewer than {config.min_images_per_class} images: "
-              + ", ".join(f"{k} ({v})" for k, v in dropped.items()))
-    images = datasets.cap_per_class(images, config.max_images_per_class, config.seed)
-    split = datasets.stratified_split(images, config.val_fraction, config.seed)
-    if len(split.classes) < 2:
-        raise UserError(f"Only one character ({split.classes[0]}) under {config.data_uri}: training needs at least two.")
-    print(f"{len(split.train)} training and {len(split.val)} validation images of {len(split.classes)} characters")
-
+    split, dropped = _split(config)
     if not ray.is_initialized():
         ray.init()
     _check_resume(config)
-    train_ds, skipped_train = _drop_unreadable(_decoded_dataset(split.train, config.image_size, config.seed), "training")
-    val_ds, skipped_val = _drop_unreadable(_decoded_dataset(split.val, config.image_size, config.seed), "validation")
-    if train_ds.count() == 0:
+    train_ds, skipped_train = training_data.drop_unreadable(training_data.decoded_dataset(split.train, config.image_size, config.seed), "training")
+    val_ds, skipped_val = training_data.drop_unreadable(training_data.decoded_dataset(split.val, config.image_size, config.seed), "validation")
+    train_images = train_ds.count()
+    if train_images == 0:
         raise UserError(f"None of the training images under {config.data_uri} could be decoded.")
     epoch_train_ds = train_ds.randomize_block_order()  # augmented by AugmentingCollate on the workers
 
@@ -610,7 +703,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     fs, path = storage.resolve(config.output_uri)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "classes": split.classes, "threads": max(1, int(cpus))},
+        train_loop_config={"config": config.to_dict(), "classes": split.classes, "threads": max(1, int(cpus)),
+                           "train_images": train_images},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.use_gpu else {})}
         ),
@@ -621,6 +715,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
+        # The test split is not here: the workers never see it, so no decision can use it.
         datasets={"train": epoch_train_ds, "val": val_ds},
     )
     start = time.perf_counter()
@@ -631,30 +726,37 @@ def train(config: TrainConfig) -> dict[str, Any]:
     with result.checkpoint.as_directory() as directory:
         with open(os.path.join(directory, STATE_FILE), "rb") as f:
             state = TrainState.from_bytes(f.read())
-    return _write_artifact(config, split.classes, state, val_ds, skipped_train + skipped_val, dropped, wall)
+    # Decoded only now, once the model is final.
+    test_ds, skipped_test = (
+        training_data.drop_unreadable(training_data.decoded_dataset(split.test, config.image_size, config.seed), "test") if len(split.test) else (None, [])
+    )
+    return _write_artifact(config, split.classes, state, val_ds, test_ds, skipped_train + skipped_val + skipped_test, dropped, wall)
 
 
-def _write_artifact(config, classes, state: TrainState, val_ds, skipped, dropped, wall_s: float) -> dict[str, Any]:
-    from simpsons_ray import plots
-
+def _write_artifact(config, classes, state: TrainState, val_ds, test_ds, skipped, dropped, wall_s: float) -> dict[str, Any]:
+    """Score the kept weights on validation and test, fit the temperature on validation, write the artifact."""
     model = build_model(config.arch, len(classes), config.head_hidden, config.dropout)
     model.load_state_dict(state.best_model if state.best_model is not None else state.model)
-    batches = (
-        {"image": torch.tensor(b["image"]), "label": torch.tensor(b["label"])}
-        for b in val_ds.iter_batches(batch_size=128, batch_format="numpy")
-    )
-    _, matrix = evaluate(model, batches, torch.device("cpu"), config.preprocess, len(classes))
-    final = metrics.report(matrix, classes)
+    cpu = torch.device("cpu")
+    scored = {"validation": predict_logits(model, scoring.ray_batches(val_ds), cpu, config.preprocess, config.tta_flip)}
+    if test_ds is not None:
+        scored["test"] = predict_logits(model, scoring.ray_batches(test_ds), cpu, config.preprocess, config.tta_flip)
+    temperature = calibration.fit_temperature(*scored["validation"])
+    results = {name: scoring.score(logits, labels, classes, temperature) for name, (logits, labels) in scored.items()}
+
     training_flags = config.to_dict() | {"phases": [dataclasses.asdict(p) for p in plan_phases(config)]}
+    inference = {"temperature": temperature, "tta_flip": config.tta_flip}
     model_id = save_artifact(
-        config.output_uri, model, config.arch, classes, config.preprocess, config.head_hidden, config.dropout, training_flags
+        config.output_uri, model, config.arch, classes, config.preprocess, config.head_hidden, config.dropout,
+        training_flags, inference,
     )
     train_rates = [row["images_per_s"] for row in state.history]
     summary = {
         "model_id": model_id,
         "best_epoch": state.best_epoch + 1,
         "epochs_run": state.epoch,
-        "final": final,
+        "validation": results["validation"],  # chose the best epoch and the temperature: optimistic
+        "test": results.get("test"),  # never used for a decision: the number to quote
         "history": state.history,
         "train_images_per_s_mean": float(np.mean(train_rates)) if train_rates else None,
         "wall_time_s": wall_s,
@@ -663,9 +765,10 @@ def _write_artifact(config, classes, state: TrainState, val_ds, skipped, dropped
     }
     out = config.output_uri
     storage.write_json(storage.join(out, "metrics.json"), summary)
-    storage.write_bytes(storage.join(out, "confusion_matrix.csv"), metrics.matrix_csv(matrix, classes).encode())
-    plots.confusion_matrix(matrix, classes, storage.join(out, "confusion_matrix.png"))
-    plots.training_curves(state.history, storage.join(out, "curves.png"))
-    print(metrics.format_report(final))
+    scoring.write_pictures(out, classes, state.history, scored, temperature)
+    shown = "test" if "test" in results else "validation"
+    print(metrics.format_report(results[shown]))
+    for name, result in results.items():
+        print(scoring.format_headline(name, result))
     print(f"model {model_id} (best epoch {state.best_epoch + 1}) written to {out}")
     return summary

@@ -181,7 +181,7 @@ def test_train_then_label_jobs_on_two_nodes(cluster, s3_data, trained):
         assert storage.is_file(storage.join(model, name)), name
     metrics = storage.read_json(storage.join(model, "metrics.json"))
     assert metrics["epochs_run"] == TRAIN_EPOCHS
-    assert metrics["final"]["accuracy"] >= 0.8, metrics["history"]
+    assert metrics["validation"]["accuracy"] >= 0.8, metrics["history"]
 
     labels = f"s3://{s3_data['bucket']}/labels"
     job = cluster.submit(

@@ -268,6 +268,27 @@ def test_predictor_fast_paths_agree_with_the_plain_model_on_cpu(model_dir):
     assert np.abs(bf16_scores[:, 0] - ref_scores[:, 0]).max() < 0.1
 
 
+def test_predictor_applies_the_artifacts_temperature_and_flip_tta(model_dir, tmp_path):
+    """Confidence as calibrated in training: softmax(mean of image and mirror logits / T)."""
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(model_dir, calibrated)
+    config = json.loads((calibrated / "config.json").read_text())
+    (calibrated / "config.json").write_text(json.dumps(config | {"temperature": 2.5, "tta_flip": True}))
+    rng = np.random.default_rng(6)
+    x = normalize_array(np.stack([load_resized(frame_bytes(rng, i), IMAGE_SIZE) for i in range(16)]),
+                        PreprocessConfig(image_size=IMAGE_SIZE))
+    model = load_artifact(model_dir).model
+    with torch.inference_mode():
+        nchw = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        reference = ((model(nchw) + model(nchw.flip(3))) / 2 / 2.5).softmax(1)
+    ref_scores, ref_idx = (t.numpy() for t in reference.topk(3, dim=1))
+    scores, idx = FramePredictor(str(calibrated), top_k=3, device="cpu").predict(x)
+    np.testing.assert_array_equal(idx[:, 0], ref_idx[:, 0])
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    plain_scores, _ = FramePredictor(model_dir, top_k=3, device="cpu").predict(x)
+    assert plain_scores[:, 0].mean() > scores[:, 0].mean()  # T > 1 tempers an overconfident model
+
+
 def test_predictor_pool_sizes_and_reservations():
     config = LabelConfig(model_uri="m", frames_uri="f", output_uri="o")
     actors, args, resources = predictor_pool(config, cluster_cpus=2)

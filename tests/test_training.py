@@ -38,20 +38,19 @@ from simpsons_ray.preprocess import (
     normalize,
     normalize_array,
 )
+from simpsons_ray.recipe import LrSchedule
+from simpsons_ray.training_data import AugmentingCollate
 from simpsons_ray.training import (
-    AugmentingCollate,
     EarlyStopping,
     TrainConfig,
-    make_scheduler,
     plan_phases,
-    step_scheduler,
     train_one_epoch,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["apu_nahasapeemapetilon", "bart_simpson", "homer_simpson", "lisa_simpson"]
 ARTIFACT_FILES = ["model.pt", "config.json", "classes.json", "metrics.json", "confusion_matrix.csv",
-                  "confusion_matrix.png", "curves.png"]
+                  "confusion_matrix.png", "curves.png", "reliability.png"]
 
 
 # ------------------------------------------------------------------------ data layouts
@@ -69,11 +68,32 @@ def test_split_is_deterministic_stratified_and_order_independent():
     assert first.classes == ["a", "b", "c", "d"]
     val_counts = first.val["label"].value_counts().to_dict()
     assert val_counts == {"a": 10, "b": 4, "c": 1}  # 20% per class, a 1-image class stays in train
-    assert set(first.train["uri"]).isdisjoint(first.val["uri"])
+    assert set(first.train["uri"]).isdisjoint(first.val["uri"]) and first.test.empty
     assert len(first.train) + len(first.val) == len(images)
     assert (first.train["label_index"] == first.train["label"].map({"a": 0, "b": 1, "c": 2, "d": 3})).all()
     other_seed = datasets.stratified_split(images, 0.2, seed=4)
     assert set(other_seed.val["uri"]) != set(first.val["uri"])
+
+
+def test_three_splits_are_disjoint_stratified_and_stable():
+    images = _table({"a": 100, "b": 40, "c": 3, "d": 2, "e": 1})
+    split = datasets.stratified_split(images, 0.15, seed=0, test_fraction=0.15)
+    parts = {name: set(getattr(split, name)["uri"]) for name in ("train", "val", "test")}
+    assert parts["train"].isdisjoint(parts["val"]) and parts["train"].isdisjoint(parts["test"])
+    assert parts["val"].isdisjoint(parts["test"])
+    assert set().union(*parts.values()) == set(images["uri"])
+    counts = {name: getattr(split, name)["label"].value_counts().to_dict() for name in ("train", "val", "test")}
+    assert counts["test"] == {"a": 15, "b": 6, "c": 1}  # 15% per class; 3 images: one each
+    assert counts["val"] == {"a": 15, "b": 6, "c": 1, "d": 1}  # 2 images: one trains, one validates
+    assert counts["train"] == {"a": 70, "b": 28, "c": 1, "d": 1, "e": 1}
+    # Stable: listing order does not matter, and the test images stay put when --val-fraction changes.
+    shuffled = datasets.stratified_split(images.sample(frac=1.0, random_state=1), 0.15, seed=0, test_fraction=0.15)
+    pd.testing.assert_frame_equal(split.test, shuffled.test)
+    pd.testing.assert_frame_equal(split.val, shuffled.val)
+    more_val = datasets.stratified_split(images, 0.3, seed=0, test_fraction=0.15)
+    pd.testing.assert_frame_equal(split.test, more_val.test)
+    with pytest.raises(UserError, match="leave nothing to train on"):
+        datasets.stratified_split(images, 0.5, seed=0, test_fraction=0.5)
 
 
 def test_kaggle_layout_ignores_nested_duplicate_and_non_images(tmp_path):
@@ -205,13 +225,14 @@ def test_phases_and_early_stopping():
 
 
 def test_lr_schedules_plateau_waits_for_flat_epochs_cosine_ignores_them():
-    def lrs_after(schedule: str, val_losses: list[float]) -> list[float]:
+    def lrs_after(schedule: str, val_losses: list[float], warmup: float = 0.0) -> list[float]:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = make_scheduler(optimizer, TrainConfig(lr_schedule=schedule, lr_patience=1), phase_epochs=4)
+        lr_schedule = LrSchedule(optimizer, schedule, 1.0, epochs=4, warmup_epochs=warmup, patience=1)
         out = []
-        for loss in val_losses:
+        for epoch, loss in enumerate(val_losses):
             optimizer.step()  # an epoch's steps come first, as in training
-            step_scheduler(scheduler, loss)
+            lr_schedule.end_epoch(loss)
+            lr_schedule.set_progress(epoch + 1)
             out.append(optimizer.param_groups[0]["lr"])
         return out
 
@@ -219,6 +240,8 @@ def test_lr_schedules_plateau_waits_for_flat_epochs_cosine_ignores_them():
     cosine = [0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(1, 5)]  # 0.854, 0.5, 0.146, 0
     assert lrs_after("cosine", [1.0, 0.9, 0.95, 0.96]) == pytest.approx(cosine, abs=1e-9)
     assert lrs_after("cosine", [1.0, 2.0, 3.0, 4.0]) == pytest.approx(cosine, abs=1e-9)
+    # A warm-up epoch: linear from ~0 to the peak over epoch 1, then cosine over the 3 left.
+    assert lrs_after("cosine", [1.0] * 4, warmup=1.0) == pytest.approx([1.0, 0.75, 0.25, 0.0], abs=1e-9)
 
 
 def test_model_dir_that_is_not_one(tmp_path):
@@ -300,35 +323,73 @@ def _train_args(data, output, *extra):
             "--num-workers", "2", "--batch-size", "16", *extra]
 
 
+def _poison_test_split(data, seed: int = 0, val_fraction: float = 0.25, test_fraction: float = 0.25) -> datasets.Split:
+    """Replace every readable test-split image by a picture of the next class; returns the split.
+
+    A model whose test score is honest must then score near 0 on test while validation
+    stays high; had the test split fed training or the choice of epoch, it could not.
+    """
+    images = datasets.list_labelled_images(str(data))
+    split = datasets.stratified_split(images, val_fraction, seed, test_fraction)
+    rng = np.random.default_rng(7)
+    for uri, index in zip(split.test["uri"], split.test["label_index"]):
+        if not uri.endswith("pic_broken.jpg"):
+            with open(uri, "wb") as f:
+                f.write(encode(class_image((index + 1) % len(CLASSES), rng, 40), "PNG" if uri.endswith(".png") else "JPEG"))
+    return split
+
+
 def test_train_two_workers_learns_and_writes_a_complete_artifact(tmp_path, ray_session, capsys):
     data, out = tmp_path / "data", tmp_path / "model"
     _make_dataset(data)
-    flags = ["--weights", "none", "--val-fraction", "0.25", "--lr-schedule", "cosine"]
+    split = _poison_test_split(data)
+    readable = {name: int((~getattr(split, name)["uri"].str.endswith("pic_broken.jpg")).sum()) for name in ("val", "test")}
+    flags = ["--weights", "none", "--val-fraction", "0.25", "--test-fraction", "0.25", "--no-tta-flip"]
     assert cli.main(_train_args(data, out, *flags, "--finetune-epochs", "6")) == 0
     for name in ARTIFACT_FILES:
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "metrics.json").read_text())
-    assert summary["final"]["accuracy"] >= 0.85, summary["final"]  # chance is 0.25
-    assert summary["final"]["num_images"] == 4 * round(30 * 0.25)
+    validation, test = summary["validation"], summary["test"]
+    assert validation["accuracy"] >= 0.85, validation  # chance is 0.25
+    assert (validation["num_images"], test["num_images"]) == (readable["val"], readable["test"])
+    assert min(readable.values()) >= 4 * 7  # a quarter of each class in each
+    # Test is scored apart and fed no decision: the poisoned test split scores near 0, the
+    # best epoch is the one of lowest validation loss, and the history knows no test.
+    assert test["accuracy"] <= 0.2, test
+    history = summary["history"]
+    assert summary["best_epoch"] == 1 + min(range(len(history)), key=lambda i: history[i]["val_loss"])
+    assert not any("test" in key for row in history for key in row)
     assert [s["uri"].endswith("pic_broken.jpg") for s in summary["skipped_images"]] == [True]
-    assert len(summary["history"]) >= 4 and all(r["images_per_s"] > 0 for r in summary["history"])
+    assert len(history) >= 4 and all(r["images_per_s"] > 0 for r in history)
     # The per-epoch validation (sharded over both workers) scored exactly the model that was saved.
-    assert summary["final"]["accuracy"] == summary["history"][summary["best_epoch"] - 1]["val_accuracy"]
-    lrs = [r["lr"] for r in summary["history"]]  # cosine: lower every epoch (a plateau holds it for 2 at least)
-    assert lrs[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(lrs, lrs[1:])), lrs
+    assert validation["accuracy"] == history[summary["best_epoch"] - 1]["val_accuracy"]
+    # The default recipe: a warm-up epoch from ~0, then a cosine that falls every epoch.
+    lrs = [r["lr"] for r in history]
+    assert lrs[0] < 1e-5 and lrs[1] == pytest.approx(TrainConfig.lr, rel=0.2) and all(a > b for a, b in zip(lrs[1:], lrs[2:])), lrs
+    calibrated = validation["calibration"]
+    assert calibrated["nll_after"] <= calibrated["nll_before"] + 1e-9 and calibrated["temperature"] > 0
+    assert np.array(validation["confusion_matrix"]).sum() == validation["num_images"]
     config = json.loads((out / "config.json").read_text())
     assert config["image_size"] == 32 and config["arch"] == "resnet18" and config["training"]["weights"] == "none"
-    assert config["training"]["lr_schedule"] == "cosine"
+    assert config["training"]["recipe"] == "default" and config["training"]["optimizer"] == "adamw"
+    assert config["temperature"] == calibrated["temperature"] and config["tta_flip"] is False
     assert json.loads((out / "classes.json").read_text()) == CLASSES
-    assert Image.open(out / "curves.png").size[0] > 0 and Image.open(out / "confusion_matrix.png").size[0] > 0
+    for picture in ("curves.png", "confusion_matrix.png", "reliability.png"):
+        assert Image.open(out / picture).size[0] > 0
 
-    # The artifact reloads and evaluates on the Kaggle test layout.
+    # The artifact reloads and evaluates on the Kaggle test layout, calibrated; a set with a
+    # character the model does not know scores the known ones and names the other.
     test_dir = tmp_path / "testset"
-    write_flat_test_folder(str(test_dir), CLASSES, 6, seed=5, size=40)
+    write_flat_test_folder(str(test_dir), CLASSES[:3] + ["ned_flanders"], 6, seed=5, size=40)
     capsys.readouterr()
     assert cli.main(["evaluate", "--model", str(out), "--data", str(test_dir), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["num_images"] == 24 and result["accuracy"] >= 0.8 and 0 <= result["macro_f1"] <= 1
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert result["num_images"] == 18 and result["accuracy"] >= 0.8 and 0 <= result["macro_f1"] <= 1
+    assert result["unknown_characters"] == ["ned_flanders"] and result["unscored_images"] == 6
+    assert "not scored: 6 images of 1 character(s) the model does not know: ned_flanders" in printed
+    assert result["per_class"][CLASSES[3]]["support"] == 0
+    assert result["calibration"]["temperature"] == config["temperature"]
 
     # Rerunning the same command resumes the finished run: no epoch is trained again.
     epochs_before = summary["epochs_run"]
@@ -348,17 +409,26 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
 
     torch.save(models.resnet18(weights=None).state_dict(), weights)
     args = [sys.executable, os.path.join(REPO, "jobs", "train.py"), *_train_args(data, out)[1:],
-            "--weights", str(weights), "--frozen-epochs", "2", "--finetune-epochs", "2", "--patience", "9"]
+            "--weights", str(weights), "--frozen-epochs", "3", "--finetune-epochs", "1", "--patience", "9"]
     env = {**os.environ, "RAY_ADDRESS": "local"}
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     checkpoints = out / "_train"
-    while time.time() < deadline and not any(p.name.startswith("checkpoint_") for p in checkpoints.glob("*")):
+    from simpsons_ray.training import newest_stored_state
+
+    while time.time() < deadline and newest_stored_state(str(out)) is None:  # a complete first checkpoint
         assert first.poll() is None, "training ended before its first checkpoint"
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (out / "metrics.json").exists()
+    # The checkpoint holds the weight average mid-phase, not only the weights, so the rerun continues it.
+    stored = newest_stored_state(str(out))
+    assert stored.epoch_in_phase in (1, 2) and stored.ema is not None and int(stored.ema["n_averaged"]) > 0
+    assert not torch.equal(stored.ema["module.fc.3.weight"], stored.model["fc.3.weight"])
+    # Another recipe into the same output is refused; the same one resumes.
+    refused = subprocess.run(args + ["--recipe", "notebook"], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "different settings (" in refused.stderr and "recipe" in refused.stderr
     # A run recorded before a setting existed resumes as one with that setting's default.
     record = checkpoints / "run.json"
     record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "lr_schedule"}))
@@ -369,7 +439,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     summary = json.loads((out / "metrics.json").read_text())
     history = summary["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
-    assert [row["phase"] for row in history] == ["frozen", "frozen", "finetune", "finetune"]
+    assert [row["phase"] for row in history] == ["frozen", "frozen", "frozen", "finetune"]
 
 
 def test_train_reads_and_writes_s3(tmp_path, ray_session, s3_server, s3_bucket, capsys):
