@@ -88,8 +88,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                              "Defaults shown are the 'default' recipe's.")
     d = RECIPES["default"]
     r.add_argument("--recipe", choices=tuple(RECIPES), default="default",
-                   help="default: AdamW, warm-up + cosine, label smoothing, TrivialAugmentWide, weight EMA, flip TTA; "
-                        "notebook: the original notebook's Adam with the LR divided on plateau (default %(default)s)")
+                   help="default: AdamW, warm-up + cosine, label smoothing, linear head; notebook: the original notebook's "
+                        "Adam with the LR divided on plateau and a Dense(512) + Dropout(0.5) head (default %(default)s)")
     r.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default {d['optimizer']})")
     r.add_argument("--lr", type=_positive_float, help=f"phase 1 learning rate, or the only phase's with --weights none (default {d['lr']})")
     r.add_argument("--finetune-lr", type=_positive_float, help=f"phase 2 learning rate (default {d['finetune_lr']})")
@@ -100,6 +100,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--warmup-epochs", type=_non_negative_float, help=f"cosine: linear warm-up length (default {d['warmup_epochs']})")
     r.add_argument("--lr-patience", type=int, help="plateau: flat epochs before the LR is divided (default 1)")
     r.add_argument("--label-smoothing", type=_unit_interval, help=f"(default {d['label_smoothing']})")
+    r.add_argument("--head-hidden", type=int, help=f"units of a hidden layer in the head; 0: linear head (default {d['head_hidden']})")
+    r.add_argument("--dropout", type=_unit_interval, help=f"before the head's last layer (default {d['dropout']})")
     r.add_argument("--augment", dest="augment_policy", choices=AUGMENT_POLICIES,
                    help=f"policy on top of rotation/shift/zoom/flip (default {d['augment_policy']})")
     r.add_argument("--random-erasing", type=_unit_interval, help=f"probability of erasing a rectangle (default {d['random_erasing']})")

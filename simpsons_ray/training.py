@@ -93,8 +93,6 @@ class TrainConfig:
     max_images_per_class: int | None = None
     patience: int = 3  # epochs without a val-loss improvement before a phase stops
     max_failures: int = 2
-    head_hidden: int = 512
-    dropout: float = 0.5
     # The recipe (see simpsons_ray.recipe).
     recipe: str = "default"
     optimizer: str = _DEFAULT["optimizer"]
@@ -106,6 +104,8 @@ class TrainConfig:
     lr_patience: int = 1  # plateau: flat epochs before the LR is divided
     lr_factor: float = 0.1
     label_smoothing: float = _DEFAULT["label_smoothing"]
+    head_hidden: int = _DEFAULT["head_hidden"]  # 0: a linear head
+    dropout: float = _DEFAULT["dropout"]
     mixup_alpha: float = _DEFAULT["mixup_alpha"]
     cutmix_alpha: float = _DEFAULT["cutmix_alpha"]
     ema_decay: float = _DEFAULT["ema_decay"]

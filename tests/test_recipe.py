@@ -30,6 +30,9 @@ def test_notebook_recipe_is_the_old_optimizer_and_schedule():
     assert (config.optimizer, config.lr, config.finetune_lr, config.weight_decay) == ("adam", 1e-3, 1e-4, 0.0)
     assert (config.lr_schedule, config.lr_patience, config.lr_factor) == ("plateau", 1, 0.1)
     assert (config.label_smoothing, config.ema_decay, config.tta_flip, config.mixup_alpha, config.cutmix_alpha) == (0, 0, False, 0, 0)
+    assert (config.head_hidden, config.dropout) == (512, 0.5)  # Dense(512) + Dropout(0.5)
+    assert [type(m).__name__ for m in build_model("resnet18", 3, config.head_hidden, config.dropout).fc] == [
+        "Linear", "ReLU", "Dropout", "Linear"]
     assert config.augment == AugmentConfig(rotation_deg=15.0, shift=0.1, zoom=0.1, hflip=True, policy="none", erasing=0.0)
     optimizer = make_optimizer(build_model("resnet18", 3).parameters(), config.optimizer, config.lr, config.weight_decay)
     assert type(optimizer) is torch.optim.Adam and len(optimizer.param_groups) == 1
@@ -50,6 +53,8 @@ def test_default_recipe_and_single_knob_overrides():
     assert config.augment.policy == "randaugment"
     off = _parse_train("--no-tta-flip", "--ema-decay", "0", "--augment", "none")
     assert (off.tta_flip, off.ema_decay, off.augment.policy, off.optimizer) == (False, 0.0, "none", RECIPES["default"]["optimizer"])
+    linear = build_model("resnet18", 3, off.head_hidden, off.dropout).fc
+    assert off.head_hidden == 0 and [type(m).__name__ for m in linear] == ["Dropout", "Linear"]
     # AdamW: decoupled decay on weights, none on BatchNorm scales and biases.
     model = build_model("resnet18", 3)
     optimizer = make_optimizer(model.parameters(), "adamw", 1e-3, 0.05)
