@@ -113,14 +113,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_train)
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace):
+    """The TrainConfig that ``train``'s parsed flags ask for: the recipe's knobs, then each flag given."""
     import dataclasses
 
-    from simpsons_ray.training import TrainConfig, train
+    from simpsons_ray.training import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)} | {"augment_policy", "random_erasing"}
-    settings = {k: v for k, v in vars(args).items() if k in names and k != "recipe"}
-    train(TrainConfig.for_recipe(args.recipe, **settings))
+    return TrainConfig.for_recipe(args.recipe, **{k: v for k, v in vars(args).items() if k in names and k != "recipe"})
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from simpsons_ray.training import train
+
+    train(train_config(args))
     return 0
 
 

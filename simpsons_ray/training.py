@@ -514,7 +514,7 @@ class _Worker:
         train_stats = _global(train_one_epoch(parts.ddp, batches, parts.optimizer, self.device, c.preprocess, step))
         val_stats = self._validate(parts.eval_model)
         row = self._record(parts, train_stats, val_stats, lr)
-        phase_over = self._advance(parts, val_stats)
+        phase_over = self._advance(parts)
         s.model = _cpu_state(self.model)
         _report(s, row, self.rank)
         return phase_over
@@ -556,7 +556,7 @@ class _Worker:
         )
         return row
 
-    def _advance(self, parts: _PhaseParts, val_stats: EpochStats) -> bool:
+    def _advance(self, parts: _PhaseParts) -> bool:
         """Keep the phase's optimizer state for a restart, or end the phase; True when it ended."""
         s = self.state
         if not parts.stopper.should_stop and s.epoch_in_phase < parts.phase.epochs:

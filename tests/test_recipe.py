@@ -17,12 +17,8 @@ from simpsons_ray.training_data import AugmentingCollate
 
 
 def _parse_train(*flags: str) -> TrainConfig:
-    """The TrainConfig that `simpsons-ray train` builds from these flags (the CLI's own code path)."""
-    import dataclasses
-
-    args = cli.build_parser().parse_args(["train", "--data", "d", "--output", "o", *flags])
-    names = {f.name for f in dataclasses.fields(TrainConfig)} | {"augment_policy", "random_erasing"}
-    return TrainConfig.for_recipe(args.recipe, **{k: v for k, v in vars(args).items() if k in names and k != "recipe"})
+    """The TrainConfig that `simpsons-ray train` builds from these flags."""
+    return cli.train_config(cli.build_parser().parse_args(["train", "--data", "d", "--output", "o", *flags]))
 
 
 def test_notebook_recipe_is_the_old_optimizer_and_schedule():
