@@ -110,7 +110,8 @@ def bench_label(args, device, jpegs, workdir) -> list[tuple[str, float, str]]:
     import ray
     import torch
 
-    from simpsons_ray.labeling import FramePredictor, LabelConfig, label
+    from simpsons_ray.labeling import LabelConfig, label
+    from simpsons_ray.predictor import FramePredictor
     from simpsons_ray.model import build_model, save_artifact
     from simpsons_ray.preprocess import PreprocessConfig
 

@@ -121,7 +121,7 @@ def bench_model_only(model_dir: str, frames_dir: str, batch_size: int, device: s
     from PIL import Image
     from torchvision import transforms
 
-    from simpsons_ray.labeling import FramePredictor
+    from simpsons_ray.predictor import FramePredictor
 
     predictor = FramePredictor(model_dir, top_k=3, device=device, cpu_threads=os.cpu_count())
     preprocess = predictor.preprocess

@@ -187,6 +187,22 @@ def _run_query(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- label
+def _sample_fps(text: str) -> float | None:
+    if text.strip().lower() == "all":
+        return None
+    return _positive_float(text)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -198,11 +214,20 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     from simpsons_ray.labeling import DECODE_CHOICES
     from simpsons_ray.labeling import LabelConfig as C
 
-    p = sub.add_parser("label", help="label every frame of episode dumps (folders or tar archives) into Parquet with Ray Data")
+    p = sub.add_parser("label", help="label every frame of episodes (video files, frame folders or tar archives) into Parquet with Ray Data")
     p.add_argument("--model", required=True, help="model artifact directory from `simpsons-ray train` (local path or s3://)")
-    p.add_argument("--frames", required=True, help="FRAMES/<episode>/*.jpg folders and/or FRAMES/<episode>.tar[.gz] archives")
+    p.add_argument("--frames", required=True,
+                   help="episodes, in any mix: FRAMES/<episode>.mp4|.mkv|.mov|.webm|.avi|.ts videos, FRAMES/<episode>/*.jpg "
+                        "folders, FRAMES/<episode>.tar[.gz] archives (or one video or archive)")
     p.add_argument("--output", required=True, help="labels dataset, OUTPUT/episode=<id>/*.parquet; rerun to resume")
-    p.add_argument("--fps", type=_positive_float, default=C.fps, help="frames per second, for timestamp_s = frame / fps (default: no timestamps)")
+    p.add_argument("--sample-fps", type=_sample_fps, default=C.sample_fps,
+                   help="videos: frames kept per second of video, the first of each 1/F s, or 'all' for every frame "
+                        f"(default {C.sample_fps:g}); timestamp_s comes from the video itself")
+    p.add_argument("--fps", type=_positive_float, default=C.fps,
+                   help="frame dumps: the rate the dump was made at, for timestamp_s = (frame - first frame number) / fps "
+                        "(default: no timestamps for dumps)")
+    p.add_argument("--first-frame-number", type=_non_negative_int, default=C.first_frame_number,
+                   help="frame dumps: the number of the frame at time 0 (default %(default)s; ffmpeg's image2 numbers from 1)")
     p.add_argument("--episodes", nargs="+", default=[], metavar="ID", help="label only these episode ids (space- or comma-separated)")
     p.add_argument("--batch-size", type=_positive_int, default=C.batch_size, help="frames per forward pass (default %(default)s)")
     p.add_argument("--num-workers", type=_positive_int, default=C.num_workers,
@@ -227,6 +252,8 @@ def _run_label(args: argparse.Namespace) -> int:
             frames_uri=args.frames,
             output_uri=args.output,
             fps=args.fps,
+            first_frame_number=args.first_frame_number,
+            sample_fps=args.sample_fps,
             episodes=episodes,
             batch_size=args.batch_size,
             num_workers=args.num_workers,

@@ -1,14 +1,18 @@
-"""Frame dumps: episode folders and tar(.gz) streams -> frame rows.
+"""Episodes: folders and tar(.gz) streams of frames, and video files -> frame rows.
 
-A frame dump (``--frames``) holds one entry per episode, in any mix::
+``--frames`` holds one entry per episode, in any mix::
 
     FRAMES/<episode>/<name>.jpg|png        a folder of frames (subfolders allowed)
     FRAMES/<episode>.tar|.tar.gz|.tgz      an archive of frames (subfolders allowed)
+    FRAMES/<episode>.mp4|.mkv|.mov|...     a video file (video.py decodes it)
 
-The episode id is the folder name, or the archive name without its extension; the
-frame number is the last run of digits in the file name (``frame_000123.jpg`` ->
-123). Archives are read as a stream (``tarfile`` mode ``r|*``) straight from
-storage: never whole in memory, never extracted.
+The episode id is the folder name, or the archive or video name without its
+extension; in a dump, the frame number is the last run of digits in the file name
+(``frame_000123.jpg`` -> 123). Archives are read as a stream (``tarfile`` mode
+``r|*``) straight from storage: never whole in memory, never extracted.
+
+A row's ``source`` says where its frame came from, and :func:`split_source` takes
+it apart again: a file URI, ``<archive URI>#<member>``, or ``<video URI>#t=<seconds>``.
 
 Readers yield :class:`RawFrame` rows. A frame that cannot be read (missing, too
 big, no number in its name, a stray non-image file, a broken archive) is a row with
@@ -18,6 +22,7 @@ big, no number in its name, a stray non-image file, a broken archive) is a row w
 from __future__ import annotations
 
 import gzip
+import math
 import posixpath
 import re
 import tarfile
@@ -29,9 +34,13 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 from simpsons_ray import storage
 from simpsons_ray.errors import UserError
 from simpsons_ray.preprocess import is_image_name
+from simpsons_ray.video import VIDEO_SUFFIXES, video_episode_id
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-FOLDER, ARCHIVE = "folder", "archive"
+FOLDER, ARCHIVE, VIDEO = "folder", "archive", "video"
+# How a frame's bytes travel from its read task (RawFrame.encoding, and on to a predictor that decodes).
+JPEG = "jpeg"  # the file's own bytes: the predictor decodes them (nvJPEG on a GPU)
+PIXELS = "pixels"  # uint8 HWC pixels at the model's image size, decoded already
 
 # A video frame, even an 8K PNG, is a few tens of MB; a bigger member is not a frame,
 # and refusing it before reading keeps a worker from holding gigabytes.
@@ -47,19 +56,21 @@ _DIGITS = re.compile(r"\d+")
 class RawFrame(NamedTuple):
     """One frame's bytes, or why there are none (``error`` set, ``data`` empty)."""
 
-    source: str  # file URI, or "<archive URI>#<member>"
+    source: str  # file URI, "<archive URI>#<member>" or "<video URI>#t=<seconds>"
     frame: int  # -1 when unknown
-    data: bytes
+    data: bytes  # the image file's bytes, or (encoding PIXELS) uint8 HWC pixels at the model's size
     error: str
+    timestamp_s: float = math.nan  # the container's time of a video frame; NaN for dumps
+    encoding: str = ""  # "": an image file's bytes; PIXELS: decoded already (video frames)
 
 
 @dataclass(frozen=True)
 class Episode:
-    """One episode of a frame dump: a folder or an archive."""
+    """One episode: a folder or an archive of frames, or a video file."""
 
     episode_id: str
     uri: str
-    kind: str  # FOLDER or ARCHIVE
+    kind: str  # FOLDER, ARCHIVE or VIDEO
 
 
 def frame_number(name: str) -> int | None:
@@ -79,6 +90,28 @@ def archive_episode_id(name: str) -> str | None:
     return None
 
 
+def episode_of_file(name: str) -> tuple[str, str] | None:
+    """(episode id, kind) of a file name that is an episode (an archive or a video), else None."""
+    episode_id = archive_episode_id(name)
+    if episode_id is not None:
+        return episode_id, ARCHIVE
+    episode_id = video_episode_id(name)
+    if episode_id is not None:
+        return episode_id, VIDEO
+    return None
+
+
+def split_source(source: str) -> tuple[str, str | None]:
+    """``(file URI, None)``, ``(archive URI, member)`` or ``(video URI, "t=<seconds>")`` for a labels ``source``."""
+    position = source.find("#")
+    while position >= 0:
+        head = source[:position].lower()
+        if head.endswith(ARCHIVE_SUFFIXES) or (head.endswith(VIDEO_SUFFIXES) and source.startswith("t=", position + 1)):
+            return source[:position], source[position + 1:]
+        position = source.find("#", position + 1)
+    return source, None
+
+
 def list_episodes(frames_uri: str, episodes: Sequence[str] = ()) -> list[Episode]:
     """Episodes under ``frames_uri`` (sorted by id), optionally only those named.
 
@@ -90,27 +123,33 @@ def list_episodes(frames_uri: str, episodes: Sequence[str] = ()) -> list[Episode
     if not storage.exists(frames_uri):
         raise UserError(f"--frames {frames_uri} does not exist: give the folder (local or s3://) that holds the episodes.")
     if storage.is_file(frames_uri):
-        # A single archive is a dump of one episode.
-        episode_id = archive_episode_id(storage.basename(frames_uri))
-        if episode_id is None:
-            raise UserError(f"--frames {frames_uri} is a file but not a .tar/.tar.gz archive: give a folder of episodes or one archive.")
-        found = {episode_id: Episode(episode_id, frames_uri, ARCHIVE)}
+        # A single archive or video is one episode.
+        found_file = episode_of_file(storage.basename(frames_uri))
+        if found_file is None:
+            raise UserError(
+                f"--frames {frames_uri} is a file but not a .tar/.tar.gz archive or a video ({' '.join(VIDEO_SUFFIXES)}): "
+                "give a folder of episodes, one archive or one video."
+            )
+        found = {found_file[0]: Episode(found_file[0], frames_uri, found_file[1])}
     else:
         found: dict[str, Episode] = {}
         for name, is_dir in storage.list_dir(frames_uri):
             if name.startswith((".", "_")):
                 continue  # hidden files and metadata folders are not episodes
-            episode_id = name if is_dir else archive_episode_id(name)
-            if episode_id is None:
+            found_file = (name, FOLDER) if is_dir else episode_of_file(name)
+            if found_file is None:
                 continue
+            episode_id, kind = found_file
             if episode_id in found:
                 raise UserError(
-                    f"Episode {episode_id!r} appears twice under {frames_uri} (a folder and an archive, or two archives): keep one."
+                    f"Episode {episode_id!r} appears twice under {frames_uri} ({found[episode_id].kind} "
+                    f"{storage.basename(found[episode_id].uri)} and {kind} {name}): keep one."
                 )
-            found[episode_id] = Episode(episode_id, storage.join(frames_uri, name), FOLDER if is_dir else ARCHIVE)
+            found[episode_id] = Episode(episode_id, storage.join(frames_uri, name), kind)
     if not found:
         raise UserError(
-            f"No episodes under --frames {frames_uri}: expected <episode>/ folders of frames or <episode>.tar / .tar.gz archives."
+            f"No episodes under --frames {frames_uri}: expected <episode>/ folders of frames, <episode>.tar / .tar.gz archives "
+            f"or video files ({' '.join(VIDEO_SUFFIXES)})."
         )
     if episodes:
         unknown = [e for e in episodes if e not in found]
@@ -170,33 +209,43 @@ def iter_folder_frames(entries: Iterable[storage.Entry], window: int = 256) -> I
 # Errors that mean the archive's bytes are bad (not a tar, cut short, bad gzip);
 # anything else (e.g. storage unreachable after retries) fails the task so that a
 # rerun can redo the episode.
-_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def iter_tar_members(archive_uri: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """The regular, non-hidden members of a tar / tar.gz archive, in order, streamed (never held whole).
+
+    Read a member with ``tar.extractfile(member)`` before asking for the next one.
+    Raises the archive errors of :data:`ARCHIVE_ERRORS` for bytes that are not a good archive.
+    """
+    with storage.open_input_raw(archive_uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue  # folders, links
+            if any(part.startswith(".") for part in member.name.split("/") if part not in ("", ".")):
+                continue  # hidden files, macOS "._" resource forks
+            yield tar, member
 
 
 def iter_archive_frames(archive_uri: str) -> Iterator[RawFrame]:
-    """Stream the members of a tar / tar.gz archive in order, never holding it whole."""
+    """Stream the frames of a tar / tar.gz archive in order, never holding it whole."""
     member_name = ""
     try:
-        with storage.open_input_raw(archive_uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue  # folders, links
-                if any(part.startswith(".") for part in member.name.split("/") if part not in ("", ".")):
-                    continue  # hidden files, macOS "._" resource forks
-                source = f"{archive_uri}#{member.name}"
-                number, why = _check_name(member.name)
-                if why:
-                    yield RawFrame(source, number, b"", why)
-                    continue
-                if member.size > MAX_FRAME_BYTES:
-                    yield RawFrame(source, number, b"", f"member of {member.size:,} bytes exceeds the {MAX_FRAME_BYTES:,}-byte frame limit")
-                    continue
-                member_name = member.name  # a read that fails now is this member's fault
-                handle = tar.extractfile(member)
-                data = handle.read() if handle is not None else b""
-                member_name = ""
-                yield RawFrame(source, number, data, "")
-    except _ARCHIVE_ERRORS as exc:
+        for tar, member in iter_tar_members(archive_uri):
+            source = f"{archive_uri}#{member.name}"
+            number, why = _check_name(member.name)
+            if why:
+                yield RawFrame(source, number, b"", why)
+                continue
+            if member.size > MAX_FRAME_BYTES:
+                yield RawFrame(source, number, b"", f"member of {member.size:,} bytes exceeds the {MAX_FRAME_BYTES:,}-byte frame limit")
+                continue
+            member_name = member.name  # a read that fails now is this member's fault
+            handle = tar.extractfile(member)
+            data = handle.read() if handle is not None else b""
+            member_name = ""
+            yield RawFrame(source, number, data, "")
+    except ARCHIVE_ERRORS as exc:
         where = f"{archive_uri}#{member_name}" if member_name else archive_uri
         yield RawFrame(where, -1, b"", f"unreadable archive: {_first_line(exc)}")
 

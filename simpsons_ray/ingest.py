@@ -9,15 +9,21 @@ predictor sooner; the predictor actors, which need torch anyway, live in
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from simpsons_ray import frames as frames_lib
-from simpsons_ray import storage
+from simpsons_ray import storage, video
+from simpsons_ray.frames import JPEG, PIXELS
 from simpsons_ray.preprocess import ImageDecodeError, PreprocessConfig, is_plain_jpeg, load_resized, normalize_array
+
+logger = logging.getLogger("simpsons_ray.labeling")
 
 # A folder episode is read by tasks of this many files, so one long episode still
 # spreads over every CPU; an archive is one stream and so one task.
@@ -30,16 +36,46 @@ BLOCK_BYTES = 16 * 1024 * 1024
 MAX_ROWS_PER_BLOCK = 256
 
 
+# Videos probed at once while planning: each probe is a few reads of a file's header.
+PROBE_THREADS = 16
+
+# Columns every stage passes on unchanged, from the read task to the writer.
+PASSED_ON = ("episode", "task", "task_end", "source", "frame", "timestamp")
+
+
 # ----------------------------------------------------------------------------- read
 @dataclass(frozen=True)
+class VideoRange:
+    """A time range ``[start, end)`` of a video (``end`` None: to the end of the file), and how to sample it."""
+
+    uri: str
+    start: Fraction
+    end: Fraction | None
+    sample_fps: Fraction | None  # None: every frame
+    image_size: int
+    stated_duration_s: float | None
+
+
+@dataclass(frozen=True)
 class ReadSpec:
-    """One read task: a whole archive, or a chunk of a folder's files."""
+    """One read task: a whole archive, a chunk of a folder's files, or a time range of a video."""
 
     task_id: int
     episode_id: str
     archive_uri: str | None = None
     entries: tuple[storage.Entry, ...] = ()
+    video: VideoRange | None = None
     empty_reason: str = ""  # the error row to emit when the task yields no frame
+    empty_source: str = ""  # and the source it names (default: the archive, or the first file)
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """How videos are read: frames kept per second (None: all), seconds per read task, the model's input size."""
+
+    sample_fps: float | None
+    seconds_per_task: float
+    image_size: int
 
 
 READ_BLOCK_SCHEMA = pa.schema(
@@ -51,14 +87,33 @@ READ_BLOCK_SCHEMA = pa.schema(
         ("frame", pa.int64()),
         ("data", pa.binary()),
         ("error", pa.string()),  # "" for a readable frame
+        ("timestamp", pa.float64()),  # a video frame's time in the container; NaN for dumps
+        ("encoding", pa.string()),  # "" for an image file's bytes, PIXELS for decoded frames
     ]
 )
 
 
-def plan_read_tasks(episodes: list[frames_lib.Episode], frames_per_task: int) -> list[ReadSpec]:
-    """Split episodes into read tasks: one per archive, one per chunk of a folder."""
+def plan_read_tasks(episodes: list[frames_lib.Episode], frames_per_task: int, videos: VideoPlan) -> list[ReadSpec]:
+    """Split episodes into read tasks: one per archive, one per chunk of a folder, one per time range of a video.
+
+    Videos are probed here (a few reads of each header); one that is not a video
+    FFmpeg can decode becomes a task that emits its error row.
+    """
     specs: list[ReadSpec] = []
+    infos = _probe_videos([e.uri for e in episodes if e.kind == frames_lib.VIDEO])
+    sample_fps = video.parse_sample_fps(videos.sample_fps)
     for episode in episodes:
+        if episode.kind == frames_lib.VIDEO:
+            info = infos[episode.uri]
+            if isinstance(info, str):
+                specs.append(ReadSpec(len(specs), episode.episode_id, empty_reason=info, empty_source=episode.uri))
+                continue
+            for start, end in video.plan_ranges(info.duration_s, videos.seconds_per_task, sample_fps):
+                where = VideoRange(episode.uri, start, end, sample_fps, videos.image_size, info.duration_s)
+                specs.append(ReadSpec(len(specs), episode.episode_id, video=where, empty_source=video.frame_source(episode.uri, start),
+                                      empty_reason=f"no frames in t=[{video.format_seconds(start)}, "
+                                                   f"{video.format_seconds(end) if end is not None else 'end'}) s of the video"))
+            continue
         if episode.kind == frames_lib.ARCHIVE:
             specs.append(ReadSpec(len(specs), episode.episode_id, archive_uri=episode.uri, empty_reason="empty archive: no frames"))
             continue
@@ -70,6 +125,23 @@ def plan_read_tasks(episodes: list[frames_lib.Episode], frames_per_task: int) ->
     return specs
 
 
+def _probe_videos(uris: list[str]) -> dict[str, "video.VideoInfo | str"]:
+    """VideoInfo of each video, or the error row's text for one that is not a readable video."""
+
+    def probe(uri: str) -> "video.VideoInfo | str":
+        try:
+            return video.probe(uri)
+        except video.VideoError as exc:
+            return str(exc)
+
+    if not uris:
+        return {}
+    with ThreadPoolExecutor(min(PROBE_THREADS, len(uris))) as pool:
+        found = dict(zip(uris, pool.map(probe, uris)))
+    logger.info("label: probed %d video(s), %d not readable", len(uris), sum(isinstance(v, str) for v in found.values()))
+    return found
+
+
 def rows_per_block(image_size: int) -> int:
     """Rows per block so that a block of normalised images stays near BLOCK_BYTES."""
     return int(max(8, min(MAX_ROWS_PER_BLOCK, BLOCK_BYTES // (3 * image_size * image_size * 4))))
@@ -77,12 +149,15 @@ def rows_per_block(image_size: int) -> int:
 
 def read_frames(spec: ReadSpec, block_rows: int) -> Iterator[pa.Table]:
     """Yield the task's frames as blocks of ``block_rows``; the last row carries the count."""
-    if spec.archive_uri is not None:
+    if spec.video is not None:
+        rows = _iter_video_frames(spec.video)
+        empty_source = spec.empty_source
+    elif spec.archive_uri is not None:
         rows = frames_lib.iter_archive_frames(spec.archive_uri)
-        empty_source = spec.archive_uri
+        empty_source = spec.empty_source or spec.archive_uri
     else:
         rows = frames_lib.iter_folder_frames(spec.entries)
-        empty_source = spec.entries[0].uri if spec.entries else ""
+        empty_source = spec.empty_source or (spec.entries[0].uri if spec.entries else "")
     total = 0
     pending: list[frames_lib.RawFrame] = []
     for row in rows:
@@ -98,6 +173,14 @@ def read_frames(spec: ReadSpec, block_rows: int) -> Iterator[pa.Table]:
     yield _block(spec, pending, total)
 
 
+def _iter_video_frames(where: VideoRange) -> Iterator[frames_lib.RawFrame]:
+    try:
+        for f in video.iter_range(where.uri, where.start, where.end, where.sample_fps, where.image_size, where.stated_duration_s):
+            yield frames_lib.RawFrame(f.source, f.frame, f.pixels, f.error, f.timestamp_s, PIXELS if f.pixels else "")
+    except video.VideoError as exc:  # readable when planned, not now: replaced or deleted since
+        yield frames_lib.RawFrame(video.frame_source(where.uri, where.start), -1, b"", str(exc))
+
+
 def _block(spec: ReadSpec, rows: list[frames_lib.RawFrame], task_end: int) -> pa.Table:
     n = len(rows)
     ends = [0] * n
@@ -111,6 +194,8 @@ def _block(spec: ReadSpec, rows: list[frames_lib.RawFrame], task_end: int) -> pa
             pa.array([r.frame for r in rows], pa.int64()),
             pa.array([r.data for r in rows], pa.binary()),
             pa.array([r.error for r in rows], pa.string()),
+            pa.array([r.timestamp_s for r in rows], pa.float64()),
+            pa.array([r.encoding for r in rows], pa.string()),
         ],
         schema=READ_BLOCK_SCHEMA,
     )
@@ -133,7 +218,7 @@ def frame_dump_datasource(specs: list[ReadSpec], block_rows: int):
             # and folder chunks are already sized for it.
             tasks = []
             for spec in specs:
-                rows = len(spec.entries) if spec.archive_uri is None else None
+                rows = len(spec.entries) if spec.entries else None  # an archive's or a video's: unknown until read
                 meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=None)
                 tasks.append(ReadTask(lambda spec=spec: read_frames(spec, block_rows), meta, schema=READ_BLOCK_SCHEMA))
             return tasks
@@ -147,22 +232,21 @@ def decode_frames(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) ->
     size = preprocess.image_size
     errors = np.array(batch["error"], dtype=object)
     pixels = np.zeros((len(errors), size, size, 3), dtype=np.uint8)
+    encodings = batch["encoding"]
     for i, data in enumerate(batch["data"]):
         if errors[i]:
+            continue
+        if encodings[i] == PIXELS:
+            pixels[i] = np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3)
             continue
         try:
             pixels[i] = load_resized(data, size)
         except ImageDecodeError as exc:
             errors[i] = str(exc)
-    out = {k: batch[k] for k in ("episode", "task", "task_end", "source", "frame")}
+    out = {k: batch[k] for k in PASSED_ON}
     out["error"] = errors
     out["image"] = normalize_array(pixels, preprocess)
     return out
-
-
-# Frame encodings on the way to a predictor that decodes (route_frames).
-JPEG = "jpeg"  # the file's own bytes: the predictor decodes them (nvJPEG on a GPU)
-PIXELS = "pixels"  # uint8 HWC pixels at the model's image size, decoded here with PIL
 
 
 def route_frames(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
@@ -181,6 +265,9 @@ def route_frames(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) -> 
         data[i] = b""
         if errors[i]:
             continue
+        if batch["encoding"][i] == PIXELS:
+            data[i], encoding[i] = raw, PIXELS  # a video frame, decoded by its read task
+            continue
         try:
             if is_plain_jpeg(raw):
                 data[i], encoding[i] = raw, JPEG
@@ -188,6 +275,6 @@ def route_frames(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) -> 
                 data[i], encoding[i] = load_resized(raw, size).tobytes(), PIXELS
         except ImageDecodeError as exc:
             errors[i] = str(exc)
-    out = {k: batch[k] for k in ("episode", "task", "task_end", "source", "frame")}
+    out = {k: batch[k] for k in PASSED_ON}
     out["error"], out["data"], out["encoding"] = errors, data, encoding
     return out

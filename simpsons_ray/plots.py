@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
@@ -28,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from simpsons_ray import storage
 from simpsons_ray.errors import UserError
+from simpsons_ray.video import VIDEO_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,6 @@ CONTACT_SHEET_CAPTION_PX = 36
 CONTACT_SHEET_TITLE_PX = 32
 CONTACT_SHEET_COLUMNS = 6
 _FETCH_THREADS = 8  # sources are independent objects; on S3 the threads wait on the network
-_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def contact_sheet_size(frames: int, columns: int = CONTACT_SHEET_COLUMNS) -> tuple[int, int]:
@@ -174,9 +173,10 @@ def contact_sheet_size(frames: int, columns: int = CONTACT_SHEET_COLUMNS) -> tup
 def contact_sheet(frames: pd.DataFrame, uri: str, title: str = "", columns: int = CONTACT_SHEET_COLUMNS) -> None:
     """A grid of the frames' thumbnails, in the table's order, captioned with episode, time and confidence.
 
-    Thumbnails are read from each row's ``source``: a file URI, or ``<archive
+    Thumbnails are read from each row's ``source``: a file URI, ``<archive
     URI>#<member>`` for a member of a tar or tar.gz archive (each archive is
-    streamed once, and only until its last wanted member). A source that can't be
+    streamed once, and only until its last wanted member), or ``<video
+    URI>#t=<seconds>`` for a video frame (each video opened once, seeking to each time). A source that can't be
     read or decoded becomes a grey tile saying so, rather than failing the sheet.
     """
     sources = frames["source"].tolist()
@@ -221,9 +221,11 @@ def _clock(timestamp_s: float | None, frame: int) -> str:
     return f"{hours}:{minutes:02d}:{seconds:04.1f}" if hours else f"{minutes}:{seconds:04.1f}"
 
 
-def _thumbnail(data: bytes | None) -> Image.Image | None:
+def _thumbnail(data: "bytes | Image.Image | None") -> Image.Image | None:
     if data is None:
         return None
+    if isinstance(data, Image.Image):
+        return ImageOps.contain(data.convert("RGB"), CONTACT_SHEET_THUMB_PX)
     from simpsons_ray.preprocess import ImageDecodeError, decode_rgb  # torch comes with it: import only when drawing
 
     try:
@@ -234,26 +236,24 @@ def _thumbnail(data: bytes | None) -> Image.Image | None:
     return ImageOps.contain(image, CONTACT_SHEET_THUMB_PX)
 
 
-def split_source(source: str) -> tuple[str, str | None]:
-    """``(file URI, None)`` or ``(archive URI, member)`` for a ``source`` value of the labels schema."""
-    position = source.find("#")
-    while position >= 0:
-        if source[:position].lower().endswith(_ARCHIVE_SUFFIXES):
-            return source[:position], source[position + 1:]
-        position = source.find("#", position + 1)
-    return source, None
+def _fetch_sources(sources: list[str]) -> dict[str, "bytes | Image.Image | None"]:
+    """Each source's image bytes, or its decoded picture for a video frame (None where unreadable).
 
+    Files are read one by one, archives in one pass each, videos opened once each.
+    """
+    from simpsons_ray.frames import ARCHIVE_ERRORS, iter_tar_members, split_source
 
-def _fetch_sources(sources: list[str]) -> dict[str, bytes | None]:
-    """The bytes behind each source (None where unreadable): files one by one, archives one pass each."""
     files: list[str] = []
     archives: dict[str, set[str]] = {}
+    videos: dict[str, set[str]] = {}
     for source in dict.fromkeys(sources):
-        archive, member = split_source(source)
+        container, member = split_source(source)
         if member is None:
             files.append(source)
+        elif container.lower().endswith(VIDEO_SUFFIXES):
+            videos.setdefault(container, set()).add(member)
         else:
-            archives.setdefault(archive, set()).add(member)
+            archives.setdefault(container, set()).add(member)
 
     def read_file(uri: str) -> dict[str, bytes | None]:
         try:
@@ -264,29 +264,39 @@ def _fetch_sources(sources: list[str]) -> dict[str, bytes | None]:
 
     def read_archive(item: tuple[str, set[str]]) -> dict[str, bytes | None]:
         archive, members = item
-        found = {f"{archive}#{m}": None for m in members}
+        found: dict[str, bytes | None] = {f"{archive}#{m}": None for m in members}
         wanted = {(m[2:] if m.startswith("./") else m): m for m in members}
         try:
-            with storage.open_input(archive) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for info in tar:
-                    name = info.name[2:] if info.name.startswith("./") else info.name
-                    if info.isfile() and name in wanted:
-                        handle = tar.extractfile(info)
-                        found[f"{archive}#{wanted.pop(name)}"] = handle.read() if handle else None
-                        if not wanted:
-                            break
-        except (OSError, tarfile.TarError, UserError) as exc:
+            for tar, info in iter_tar_members(archive):
+                name = info.name[2:] if info.name.startswith("./") else info.name
+                if name in wanted:
+                    handle = tar.extractfile(info)
+                    found[f"{archive}#{wanted.pop(name)}"] = handle.read() if handle else None
+                    if not wanted:
+                        break
+        except (OSError, UserError, *ARCHIVE_ERRORS) as exc:
             log.warning("contact sheet: cannot read %s: %s", archive, exc)
         for member in wanted.values():
             log.warning("contact sheet: %s has no member %s", archive, member)
         return found
 
-    results: dict[str, bytes | None] = {}
+    def read_video(item: tuple[str, set[str]]) -> dict[str, Image.Image | None]:
+        from simpsons_ray import video
+
+        uri, members = item
+        times = {m: float(m[len("t="):]) for m in members}
+        try:
+            pictures = video.read_frames_at(uri, sorted(set(times.values())))
+        except (OSError, UserError, video.VideoError) as exc:
+            log.warning("contact sheet: cannot read %s: %s", uri, exc)
+            pictures = {}
+        return {f"{uri}#{m}": pictures.get(t) for m, t in times.items()}
+
+    results: dict[str, bytes | Image.Image | None] = {}
     with ThreadPoolExecutor(max_workers=_FETCH_THREADS) as pool:
-        for part in pool.map(read_file, files):
-            results.update(part)
-        for part in pool.map(read_archive, archives.items()):
-            results.update(part)
+        for reader, items in ((read_file, files), (read_archive, archives.items()), (read_video, videos.items())):
+            for part in pool.map(reader, items):
+                results.update(part)
     return results
 
 

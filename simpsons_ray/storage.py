@@ -148,6 +148,12 @@ def open_input(uri: str):
     return fs.open_input_stream(path)
 
 
+def open_input_file(uri: str):
+    """A seekable file: reads at any offset, ranged GETs on S3 (videos are read through this, never whole)."""
+    fs, path = resolve(uri)
+    return fs.open_input_file(path)
+
+
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)

@@ -97,3 +97,11 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shapes_model(tmp_path_factory) -> str:
+    """A model artifact that tells the 4 generated shapes apart (imagegen.train_shapes_model)."""
+    from imagegen import train_shapes_model
+
+    return train_shapes_model(str(tmp_path_factory.mktemp("shapes_model")))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import zlib
+from fractions import Fraction
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -26,50 +27,28 @@ import pytest
 import torch
 from PIL import Image
 
-from imagegen import class_image, encode, upload_tree, write_tar
-from simpsons_ray import schema
+from imagegen import SHAPE_CLASSES, SHAPE_FRAME_PX, SHAPE_MODEL_PX, class_image, encode, upload_tree, write_tar, write_video
+from simpsons_ray import schema, video
 from simpsons_ray.errors import UserError
 from simpsons_ray.frames import frame_number, list_episodes
 from simpsons_ray.ingest import JPEG, PIXELS, decode_frames, route_frames
-from simpsons_ray.labeling import FramePredictor, LabelConfig, decode_in_predictor, label, predictor_pool
-from simpsons_ray.model import build_model, fold_batchnorm, load_artifact, save_artifact
-from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize, normalize_array
+from simpsons_ray.labeling import LabelConfig, label
+from simpsons_ray.model import build_model, fold_batchnorm, load_artifact
+from simpsons_ray.pipeline import decode_in_predictor, predictor_pool
+from simpsons_ray.predictor import FramePredictor
+from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize_array
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASSES = ["bart", "homer", "lisa", "marge"]
-IMAGE_SIZE = 32
-FRAME_PX = 44  # frames are bigger than the model input, so resizing is exercised
+CLASSES = SHAPE_CLASSES
+IMAGE_SIZE = SHAPE_MODEL_PX
+FRAME_PX = SHAPE_FRAME_PX
 
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    """A resnet18 artifact whose head is trained, on frozen random features, to tell the 4 shapes apart.
-
-    Training only the head on features computed once takes a second and still gives
-    confident, class-dependent predictions, which is all these tests need.
-    """
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    config = PreprocessConfig(image_size=IMAGE_SIZE)
-    images = [load_resized(encode(class_image(i % len(CLASSES), rng, FRAME_PX)), IMAGE_SIZE) for i in range(96)]
-    x, y = normalize(np.stack(images), config), torch.arange(96) % len(CLASSES)
-    model = build_model("resnet18", len(CLASSES), head_hidden=64, dropout=0.0).eval()
-    head, model.fc = model.fc, torch.nn.Identity()
-    with torch.inference_mode():
-        features = model(x)
-    model.fc = head
-    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
-    for _ in range(100):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(head(features.clone()), y).backward()
-        optimizer.step()
-    with torch.inference_mode():
-        accuracy = (model(x).argmax(1) == y).float().mean().item()
-    assert accuracy > 0.9, f"fixture model did not learn the shapes (train accuracy {accuracy:.2f})"
-    path = str(tmp_path_factory.mktemp("model"))
-    save_artifact(path, model, "resnet18", CLASSES, config, head_hidden=64, dropout=0.0)
-    return path
+def model_dir(shapes_model) -> str:
+    """A resnet18 at 32 px that tells the 4 shapes apart (imagegen.train_shapes_model)."""
+    return shapes_model
 
 
 def frame_bytes(rng: np.random.Generator, index: int, fmt: str = "JPEG") -> bytes:
@@ -323,7 +302,8 @@ def test_decoding_in_the_predictor_matches_the_cpu_tasks(model_dir):
     n = len(frames)
     batch = {"episode": np.array(["E"] * n, dtype=object), "task": np.zeros(n, np.int64), "task_end": np.zeros(n, np.int64),
              "source": np.array([f"s{i}" for i in range(n)], dtype=object), "frame": np.arange(n),
-             "data": np.array(frames, dtype=object), "error": np.array([""] * n, dtype=object)}
+             "data": np.array(frames, dtype=object), "error": np.array([""] * n, dtype=object),
+             "timestamp": np.full(n, np.nan), "encoding": np.array([""] * n, dtype=object)}
     config = PreprocessConfig(image_size=IMAGE_SIZE)
     routed = route_frames(batch, config)
     assert list(routed["encoding"][:24]) == [JPEG] * 24 and list(routed["encoding"][24:28]) == [PIXELS] * 4
@@ -548,16 +528,16 @@ def test_gpu_flag_without_gpus_fails_before_any_work(ray_session, model_dir, loc
 
 def test_gpu_flag_waits_for_an_autoscaler_that_can_add_gpus(ray_session, tmp_path, monkeypatch, caplog):
     """On a `ray up` cluster (its head holds the autoscaler's config) GPU nodes start at 0 and come on demand."""
-    from simpsons_ray.labeling import AUTOSCALER_CONFIG, _check_resources
+    from simpsons_ray.pipeline import AUTOSCALER_CONFIG, check_resources
 
     config = LabelConfig(model_uri="m", frames_uri="f", output_uri="o", use_gpu=True)
     monkeypatch.setenv("HOME", str(tmp_path))
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no GPU"):
-            _check_resources(config)
+            check_resources(config)
     (tmp_path / os.path.basename(AUTOSCALER_CONFIG)).write_text("cluster_name: simpsons-ray\n")
     with caplog.at_level("WARNING", logger="simpsons_ray.labeling"):
-        _check_resources(config)  # no error: the autoscaler may still add GPU nodes
+        check_resources(config)  # no error: the autoscaler may still add GPU nodes
     assert torch.cuda.is_available() or "autoscaler adds GPU nodes" in caplog.text
 
 
@@ -583,6 +563,11 @@ def test_killed_run_resumes_with_exactly_one_row_per_frame(ray_session, model_di
         members = {f"f/{i:05d}.jpg": frame_bytes(rng, i) for i in range(300)}
         write_tar(str(frames_dir / f"E{e}.tar"), members)
         expected |= {f"{frames_dir / f'E{e}.tar'}#{m}" for m in members}
+    for v in range(2):  # and two videos, sampled at the default rate
+        path = str(frames_dir / f"V{v}.mkv")
+        write_video(path, [class_image(i // 12 % 4, rng, 64) for i in range(48)], fps=12)
+        expected |= {f.source for f in video.iter_range(path, Fraction(0), None, video.parse_sample_fps(video.DEFAULT_SAMPLE_FPS), 8)}
+    episode_ids = [f"E{e}" for e in range(8)] + ["V0", "V1"]
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--model", model_dir, "--frames", str(frames_dir),
            "--output", output, "--batch-size", "4"]
@@ -600,11 +585,11 @@ def test_killed_run_resumes_with_exactly_one_row_per_frame(ray_session, model_di
     markers = lambda: sorted(n[: -len(".json")] for n in os.listdir(progress) if n.endswith(".json"))  # noqa: E731
     done = markers()  # (a marker being written when the kill came is a temp file, not a marker)
     committed = len(done)
-    assert 1 <= committed < 8, f"{committed} episodes were committed when the run was killed"
+    assert 1 <= committed < len(episode_ids), f"{committed} episodes were committed when the run was killed"
 
     # As if killed after an episode's file moved into place but before its marker:
     # a rerun must not keep those rows.
-    pending = sorted({f"E{e}" for e in range(8)} - set(done))[-1]
+    pending = sorted(set(episode_ids) - set(done))[-1]
     stray = os.path.join(output, f"episode={pending}", "part-0.parquet")
     os.makedirs(os.path.dirname(stray), exist_ok=True)
     shutil.copy(os.path.join(output, f"episode={done[0]}", "part-0.parquet"), stray)
@@ -616,10 +601,10 @@ def test_killed_run_resumes_with_exactly_one_row_per_frame(ray_session, model_di
             f.write(b"PAR1 cut short")
 
     summary = label(LabelConfig(model_uri=model_dir, frames_uri=str(frames_dir), output_uri=output))
-    assert summary["episodes_skipped"] == committed and summary["episodes_labelled"] == 8 - committed
+    assert summary["episodes_skipped"] == committed and summary["episodes_labelled"] == len(episode_ids) - committed
     df = read_labels(output)
     assert len(df) == len(expected) and set(df["source"]) == expected  # none twice, none missing
-    assert markers() == [f"E{e}" for e in range(8)]
+    assert markers() == episode_ids
     assert not any(os.path.exists(p) for p in half_written)
     assert not any(files for _, _, files in os.walk(os.path.join(output, "_tmp")))
 

@@ -1,0 +1,170 @@
+"""The Parquet commit protocol: an episode's rows land whole, then its marker says it is done.
+
+An :class:`EpisodeWriter` appends the predictor's rows for one episode to a
+temporary Parquet file under ``OUTPUT/_tmp/<run_id>/``; ``commit`` writes the
+episode's error rows, moves the labels file into ``OUTPUT/episode=<id>/`` and only
+then writes the marker. A marker therefore never names an episode without its
+rows, and a rerun removes whatever an unmarked episode left (``labeling.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simpsons_ray import frames as frames_lib
+from simpsons_ray import schema, storage
+from simpsons_ray.layout import OutputLayout
+from simpsons_ray.video import DEFAULT_SAMPLE_FPS
+
+# Rows per Parquet row group: a handful of row groups per 30,000-frame episode.
+ROW_GROUP_ROWS = 16384
+
+# Marker keys that older markers lack, with the value those runs used.
+_LEGACY_SETTINGS = {"first_frame_number": 0}
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """What makes two runs' labels the same; each marker keeps the part that shaped its episode."""
+
+    model_id: str
+    top_k: int
+    min_confidence: float
+    fps: float | None = None  # frame dumps: timestamp_s = (frame - first_frame_number) / fps
+    first_frame_number: int = 0
+    sample_fps: float | None = DEFAULT_SAMPLE_FPS  # videos: frames kept per second; None: all
+
+    def for_episode(self, kind: str) -> dict[str, Any]:
+        """The settings that shape the labels of this kind of episode (a video has no --fps, a dump no sampling)."""
+        settings = {"model_id": self.model_id, "top_k": self.top_k, "min_confidence": self.min_confidence}
+        if kind == frames_lib.VIDEO:
+            settings["sample_fps"] = self.sample_fps
+        else:
+            settings.update(fps=self.fps, first_frame_number=self.first_frame_number)
+        return settings
+
+    def differences(self, marker: dict[str, Any], kind: str) -> list[str]:
+        return [
+            f"{k} {marker.get(k, _LEGACY_SETTINGS.get(k))!r} (now {v!r})"
+            for k, v in self.for_episode(kind).items()
+            if marker.get(k, _LEGACY_SETTINGS.get(k)) != v
+        ]
+
+    def timestamps(self, frame: np.ndarray, container_s: np.ndarray) -> pa.Array:
+        """timestamp_s: the container's time for video frames, else (frame - first) / fps, else null."""
+        if self.fps:
+            dump_s = (frame - self.first_frame_number) / self.fps
+        else:
+            dump_s = np.full(len(frame), np.nan)
+        seconds = np.where(np.isnan(container_s), dump_s, container_s)
+        return pa.array(seconds, pa.float64(), from_pandas=True)  # NaN -> null
+
+
+class EpisodeWriter:
+    """Appends one episode's rows to a temporary Parquet file, then commits it atomically."""
+
+    def __init__(self, layout: OutputLayout, run_id: str, episode: frames_lib.Episode, classes: list[str], settings: LabelSettings):
+        self.layout = layout
+        self.episode = episode
+        self.settings = settings
+        self.tmp_parent = layout.tmp_run_dir(run_id)
+        self.tmp_uri = storage.join(self.tmp_parent, f"episode={episode.episode_id}.parquet")
+        self._classes = np.array(classes, dtype=object)
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._sink = None
+        self.frames = 0
+        self.errors: list[tuple[str, str]] = []  # (source, error)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        errors = batch["error"]
+        ok = np.array([not e for e in errors], dtype=bool)
+        for i in np.flatnonzero(~ok):
+            self.errors.append((str(batch["source"][i]), str(errors[i])))
+        if ok.any():
+            table = self._label_rows({k: v[ok] for k, v in batch.items()})
+            self._pending.append(table)
+            self._pending_rows += table.num_rows
+            self.frames += table.num_rows
+            if self._pending_rows >= ROW_GROUP_ROWS:
+                self._flush()
+
+    def _label_rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        s = self.settings
+        n = len(batch["frame"])
+        k = batch["top_indices"].shape[1]
+        top_labels = self._classes[batch["top_indices"]]
+        scores = batch["top_scores"].astype(np.float32)
+        confidence = scores[:, 0]
+        labels = np.where(confidence >= s.min_confidence, top_labels[:, 0], None)
+        frame = batch["frame"].astype(np.int64)
+        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+        return pa.Table.from_arrays(
+            [
+                pa.array(frame, pa.int64()),
+                s.timestamps(frame, batch["timestamp"].astype(np.float64)),
+                pa.array(batch["source"].tolist(), pa.string()),
+                pa.array(labels.tolist(), pa.string()),
+                pa.array(confidence, pa.float32()),
+                pa.ListArray.from_arrays(offsets, pa.array(top_labels.reshape(-1).tolist(), pa.string())),
+                pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), pa.float32())),
+                pa.array([s.model_id] * n, pa.string()),
+            ],
+            schema=schema.LABELS_FILE_SCHEMA,
+        )
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            storage.makedirs(self.tmp_parent)
+            fs, path = storage.resolve(self.tmp_uri)
+            self._sink = fs.open_output_stream(path)
+            self._writer = pq.ParquetWriter(self._sink, schema.LABELS_FILE_SCHEMA, compression="zstd")
+        self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP_ROWS)
+        self._pending, self._pending_rows = [], 0
+
+    def commit(self, run_id: str) -> dict[str, Any]:
+        """Land the episode: errors, then labels, then the marker that says it is done."""
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+        eid = self.episode.episode_id
+        if self.errors:
+            table = pa.table(
+                {
+                    "episode": pa.array([eid] * len(self.errors), pa.string()),
+                    "source": pa.array([s for s, _ in self.errors], pa.string()),
+                    "error": pa.array([e for _, e in self.errors], pa.string()),
+                },
+                schema=schema.ERRORS_SCHEMA,
+            )
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd")
+            storage.write_bytes(self.layout.errors_file(eid), sink.getvalue().to_pybytes())
+        if self._writer is not None:
+            storage.move(self.tmp_uri, self.layout.labels_file(eid))
+        marker = {
+            "episode": eid,
+            "source": self.episode.uri,
+            "kind": self.episode.kind,
+            **self.settings.for_episode(self.episode.kind),
+            "frames": self.frames,
+            "errors": len(self.errors),
+            "run_id": run_id,
+            "committed_at": _now(),
+        }
+        storage.write_json(self.layout.marker(eid), marker)
+        return marker
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
