@@ -16,7 +16,7 @@ for each video and at ``--sample-fps`` and at every frame, on the same machine:
 
 Then the peak memory (PSS of the whole process tree, as bench_label.py measures
 it) of the pipeline at ``--sample-fps`` on the 640x480 video and on one ``--scale``
-times longer.
+times longer (the same video played over and over, remuxed).
 
     python bench/bench_video.py                     # 5 minutes, resnet18 at 64 px, 4 frames/s and all
     python bench/bench_video.py --quick             # 20 seconds: a smoke run
@@ -91,6 +91,30 @@ def write_video(path: str, pictures: list, seconds: float, size: tuple[int, int]
         for packet in stream.encode():
             container.mux(packet)
     return frames
+
+
+def repeat_video(src: str, dst: str, times: int) -> None:
+    """``src`` played ``times`` times over, remuxed (no re-encoding: each copy starts on its keyframe)."""
+    import av
+
+    with av.open(src) as inp, av.open(dst, "w") as out:
+        in_stream = inp.streams.video[0]
+        out_stream = out.add_stream_from_template(in_stream)
+        length = None
+        for k in range(times):
+            inp.seek(0)
+            last = 0
+            for packet in inp.demux(in_stream):
+                if packet.dts is None:
+                    continue
+                if length is None or k == 0:
+                    last = max(last, packet.pts + packet.duration)
+                shift = k * (length or 0)
+                packet.pts += shift
+                packet.dts += shift
+                packet.stream = out_stream
+                out.mux(packet)
+            length = length or last
 
 
 # --------------------------------------------------------------------- baselines
@@ -240,12 +264,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_memory:
         return
     peaks = []
+    one = os.path.join(work, "memory-1x.mp4")
+    write_video(one, pictures, seconds, (640, 480))
     for scale in (1, args.scale):
         folder = os.path.join(work, f"memory-{scale}x")
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
         path = os.path.join(folder, f"ep-{scale}x.mp4")
-        write_video(path, pictures, seconds * scale, (640, 480))
+        repeat_video(one, path, scale)
         memory = TreeMemory()
         summary = pipeline(model_dir, folder, os.path.join(work, "labels-memory"), args.sample_fps, args.batch_size, args.gpu, memory=memory)
         peaks.append((scale, summary["frames_labelled"], summary["frames_per_s"], memory.peak))
