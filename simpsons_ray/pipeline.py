@@ -51,12 +51,11 @@ PROGRESS_EVERY_S = 10.0
 
 # Logical CPU reservations, which decide what Ray runs side by side. Reading is
 # mostly waiting on storage: a quarter CPU, so reads overlap with decoding. A
-# video's read task decodes its range itself (one FFmpeg thread) and reserves
-# half a CPU: on 2 cores, two ranges then decode beside the two predictor actors,
-# where a whole CPU each let one range decode at a time and left the second core
-# to actors with little to do at 4 sampled frames/s (34.5 frames/s end to end
-# on a 5-minute 640x480 video, 0.55x a plain PyAV loop). Decoding is real CPU work: one CPU per task (half the cluster's CPUs at most). A
-# CPU predictor actor reserves half a CPU at most (its forward pass still uses its
+# video's read task decodes and scales its range itself, on one FFmpeg thread: half
+# a CPU, so that on 2 cores two ranges decode beside the two predictor actors
+# (at 4 sampled frames/s the actors have little to do, and decoding every frame
+# is most of the work). Decoding frame files is real CPU work: one CPU per task
+# (half the cluster's CPUs at most). A CPU predictor actor reserves half a CPU at most (its forward pass still uses its
 # share of the cores) so that decode tasks run beside the actors even on a 2-CPU
 # machine; the different reservation also keeps Ray Data from fusing decoding
 # into the actor, which would serialise it.

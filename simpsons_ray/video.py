@@ -270,7 +270,11 @@ def iter_range(
     that ends the range with one error row after the frames before it.
     """
     import av
+    from av.video.reformatter import VideoReformatter
 
+    # One scaler for the whole range: frame.reformat() builds a new one for every
+    # frame, which made scaling 640x480 to 64 px 7.6x slower than decoding.
+    scaler = VideoReformatter()
     with _Video(uri, threads) as video:
         last_t: Fraction | None = None
         last_bucket: int | None = None
@@ -288,7 +292,7 @@ def iter_range(
                     if bucket == last_bucket:
                         continue
                     last_bucket = bucket
-                pixels = frame.reformat(width=image_size, height=image_size, format="rgb24", interpolation="BILINEAR").to_ndarray()
+                pixels = scaler.reformat(frame, width=image_size, height=image_size, format="rgb24", interpolation="BILINEAR").to_ndarray()
                 yield DecodedFrame(frame_source(uri, t), round(t * video.frame_rate), float(t), pixels.tobytes())
         except av.FFmpegError as exc:
             at = format_seconds(last_t) if last_t is not None else format_seconds(start)

@@ -7,6 +7,7 @@ shape, so the truth of every frame is known, and the shapes model
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from fractions import Fraction
@@ -158,13 +159,14 @@ def test_dump_timestamps_count_from_the_first_frame_number():
 # ------------------------------------------------------------------------ with Ray
 @pytest.fixture(scope="module")
 def sampled_run(ray_session, shapes_model, videos):
+    """Both videos at 2 frames/s, in ranges of 3 s (several per video)."""
     output = str(videos["root"] / "labels-2fps")
     summary = label(LabelConfig(model_uri=shapes_model, frames_uri=videos["folder"], output_uri=output, sample_fps=2.0,
                                 seconds_per_read_task=3.0))
     return {"output": output, "summary": summary}
 
 
-def test_video_labels_and_times_match_the_truth_at_two_rates(ray_session, shapes_model, videos, sampled_run, tmp_path):
+def test_video_labels_and_times_match_the_truth(sampled_run, videos):
     df = read_labels(sampled_run["output"])
     assert sampled_run["summary"]["errors"] == 0
     for episode, suffix in (("S01E01", ".mp4"), ("S01E02", ".mkv")):
@@ -174,17 +176,6 @@ def test_video_labels_and_times_match_the_truth_at_two_rates(ray_session, shapes
         assert mine["frame"].tolist() == [k * FPS // 2 for k in range(SECONDS * 2)]
         assert mine["source"].tolist() == [f"{uri}#t={video.format_seconds(k / 2)}" for k in range(SECONDS * 2)]
     assert (df["label"] == df["timestamp_s"].map(truth)).mean() >= 0.95
-
-    output = str(tmp_path / "labels-all")
-    summary = label(LabelConfig(model_uri=shapes_model, frames_uri=videos["folder"], output_uri=output, sample_fps=None,
-                                episodes=("S01E02",), seconds_per_read_task=2.5))
-    every = read_labels(output)
-    assert summary["frames_labelled"] == SECONDS * FPS and every["frame"].tolist() == list(range(SECONDS * FPS))
-    assert np.allclose(every["timestamp_s"], every["frame"] / FPS, atol=1e-3)  # Matroska keeps milliseconds
-    assert (every["label"] == every["timestamp_s"].map(truth)).mean() >= 0.95
-    # The same frames at both rates get the same scores.
-    both = every.merge(read_labels(sampled_run["output"]), on=["episode", "frame"], suffixes=("_all", "_2fps"))
-    assert len(both) == SECONDS * 2 and np.allclose(both["confidence_all"], both["confidence_2fps"], atol=1e-5)
 
 
 def test_rerun_skips_and_a_new_rate_needs_overwrite(shapes_model, videos, sampled_run):
@@ -196,7 +187,12 @@ def test_rerun_skips_and_a_new_rate_needs_overwrite(shapes_model, videos, sample
         label(LabelConfig(model_uri=shapes_model, frames_uri=videos["folder"], output_uri=sampled_run["output"]))
 
 
-def test_bad_videos_are_error_rows_and_the_run_goes_on(ray_session, shapes_model, videos, tmp_path):
+def test_bad_videos_are_error_rows_and_the_run_goes_on_beside_a_dump(ray_session, shapes_model, videos, tmp_path):
+    """Videos good, cut short, not a video and audio only, in one run with an ffmpeg-style frame dump.
+
+    ``ffmpeg -i ep.mkv -vf fps=2 dump/ep/%06d.jpg`` writes 000001.jpg for t=0: with
+    --fps 2 --first-frame-number 1 the dump's frames get their true times.
+    """
     folder = tmp_path / "episodes"
     folder.mkdir()
     make_video(str(folder / "good.mkv"), seed=3, seconds=4)
@@ -204,11 +200,16 @@ def test_bad_videos_are_error_rows_and_the_run_goes_on(ray_session, shapes_model
     (folder / "cut.mkv").write_bytes(data[: len(data) // 2])
     (folder / "notes.mp4").write_text("not a video\n")
     write_audio_only(str(folder / "song.mp4"))
+    (folder / "dump").mkdir()
+    rng = np.random.default_rng(5)
+    for n in range(1, 7):
+        (folder / "dump" / f"{n:06d}.jpg").write_bytes(encode(class_image(n % 4, rng, 44)))
     output = str(tmp_path / "labels")
-    summary = label(LabelConfig(model_uri=shapes_model, frames_uri=str(folder), output_uri=output, sample_fps=2.0,
-                                seconds_per_read_task=2.0))
+    config = LabelConfig(model_uri=shapes_model, frames_uri=str(folder), output_uri=output, sample_fps=2.0,
+                         fps=2.0, first_frame_number=1, seconds_per_read_task=2.0)
+    summary = label(config)
     df, errors = read_labels(output), read_errors(output)
-    assert summary["episodes_labelled"] == 4 and sorted(summary["empty_episodes"]) == ["notes", "song"]
+    assert summary["episodes_labelled"] == 5 and sorted(summary["empty_episodes"]) == ["notes", "song"]
     assert df[df["episode"] == "good"]["timestamp_s"].tolist() == [k / 2 for k in range(8)]
     cut = df[df["episode"] == "cut"]["timestamp_s"].tolist()
     assert 2 <= len(cut) < 12 and cut == [k / 2 for k in range(len(cut))]  # every frame before the damage
@@ -216,20 +217,34 @@ def test_bad_videos_are_error_rows_and_the_run_goes_on(ray_session, shapes_model
     assert all("truncated video" in e or "no frames" in e for e in by_episode["cut"]) and by_episode["cut"]
     assert by_episode["notes"] == ["not a video file FFmpeg can read: Invalid data found when processing input"]
     assert by_episode["song"] == ["no video stream in the file (it has audio)"]
-    assert "good" not in by_episode
+    assert "good" not in by_episode and "dump" not in by_episode
+    dump = df[df["episode"] == "dump"].sort_values("frame")
+    assert dump["frame"].tolist() == [1, 2, 3, 4, 5, 6] and dump["timestamp_s"].tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    # The dump's marker keeps its first frame number; the videos' markers their sampling rate.
+    with pytest.raises(UserError, match="dump .*first_frame_number 1 .now 0."):
+        label(dataclasses.replace(config, first_frame_number=0))
+    with pytest.raises(UserError, match="good .sample_fps 2.0 .now 4.0."):
+        label(dataclasses.replace(config, sample_fps=4.0, episodes=("good", "dump")))
 
 
-def test_videos_on_s3(ray_session, shapes_model, videos, sampled_run, s3_server, s3_bucket):
+def test_videos_on_s3_at_every_frame(ray_session, shapes_model, videos, sampled_run, s3_server, s3_bucket):
+    """The second sampling rate, read from the S3 server: every frame, the same scores where the two rates meet."""
     client = s3_server.client()
     frames_uri = upload_tree(client, s3_bucket, videos["folder"], "episodes")
     output = f"s3://{s3_bucket}/labels"
-    summary = label(LabelConfig(model_uri=shapes_model, frames_uri=frames_uri, output_uri=output, sample_fps=2.0,
-                                seconds_per_read_task=3.0))
-    assert summary["frames_labelled"] == 2 * SECONDS * 2 and summary["errors"] == 0
-    remote = read_labels(output)
-    local = read_labels(sampled_run["output"])
-    assert remote["source"].str.startswith(f"{frames_uri}/").all()
-    assert remote["label"].tolist() == local["label"].tolist() and remote["timestamp_s"].tolist() == local["timestamp_s"].tolist()
+    summary = label(LabelConfig(model_uri=shapes_model, frames_uri=frames_uri, output_uri=output, sample_fps=None,
+                                seconds_per_read_task=2.5))
+    assert summary["frames_labelled"] == 2 * SECONDS * FPS and summary["errors"] == 0
+    every = read_labels(output)
+    assert every["source"].str.startswith(f"{frames_uri}/").all()
+    for episode in ("S01E01", "S01E02"):
+        mine = every[every["episode"] == episode]
+        assert mine["frame"].tolist() == list(range(SECONDS * FPS))
+        assert np.allclose(mine["timestamp_s"], mine["frame"] / FPS, atol=1e-3)  # Matroska keeps milliseconds
+    assert (every["label"] == every["timestamp_s"].map(truth)).mean() >= 0.95
+    both = every.merge(read_labels(sampled_run["output"]), on=["episode", "frame"], suffixes=("_all", "_2fps"))
+    assert len(both) == 2 * SECONDS * 2 and (both["label_all"] == both["label_2fps"]).all()
+    assert np.allclose(both["confidence_all"], both["confidence_2fps"], atol=1e-5)
 
 
 def test_contact_sheet_reads_frames_from_the_video(videos, sampled_run, tmp_path):
@@ -266,16 +281,12 @@ def test_cli_flags_for_videos_and_dumps(shapes_model, tmp_path, capsys):
     assert args.sample_fps is None and args.first_frame_number == 1
 
 
-def test_ffmpeg_style_dump_gets_true_times_with_first_frame_number(ray_session, shapes_model, tmp_path):
-    """``ffmpeg -i ep.mkv -vf fps=2 dump/ep/%06d.jpg`` writes 000001.jpg for t=0: --fps 2 --first-frame-number 1."""
-    dump = tmp_path / "dump" / "ep"
-    dump.mkdir(parents=True)
-    rng = np.random.default_rng(5)
-    for n in range(1, 7):
-        (dump / f"{n:06d}.jpg").write_bytes(encode(class_image(n % 4, rng, 44)))
-    output = str(tmp_path / "labels")
-    label(LabelConfig(model_uri=shapes_model, frames_uri=str(tmp_path / "dump"), output_uri=output, fps=2.0, first_frame_number=1))
-    df = read_labels(output)
-    assert df["frame"].tolist() == [1, 2, 3, 4, 5, 6] and df["timestamp_s"].tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
-    with pytest.raises(UserError, match="first_frame_number 1 .now 0."):
-        label(LabelConfig(model_uri=shapes_model, frames_uri=str(tmp_path / "dump"), output_uri=output, fps=2.0))
+def test_queries_give_true_seconds_on_video_labels(sampled_run):
+    """Each second shows one shape, so each character is on screen 2 s of the 8, in two 1-second segments."""
+    from simpsons_ray import query
+
+    times = query.screen_time(sampled_run["output"], min_confidence=0.0)
+    assert set(times["episode"]) == {"S01E01", "S01E02"}
+    assert np.allclose(times.groupby("episode")["seconds"].sum(), SECONDS)
+    segments = query.segments(sampled_run["output"], character="lisa", min_confidence=0.0, max_gap_s=0.0, episodes=["S01E01"])
+    assert segments[["start_s", "end_s"]].values.tolist() == [[2.0, 3.0], [6.0, 7.0]]
