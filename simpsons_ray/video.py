@@ -76,10 +76,6 @@ def video_episode_id(name: str) -> str | None:
     return None
 
 
-def is_video_name(name: str) -> bool:
-    return video_episode_id(name) is not None
-
-
 @dataclass(frozen=True)
 class VideoInfo:
     """What a read plan needs to know about a video."""
@@ -171,8 +167,17 @@ class _Video:
         self.frame_rate: Fraction = Fraction(rate) if rate else Fraction(0)
 
     def seconds(self, pts: int) -> Fraction:
-        """A frame's time from the start of the stream, exactly."""
+        """A time stamp of the stream in seconds from its start, exactly."""
         return (pts - self.start_pts) * self.time_base
+
+    def time_of(self, frame) -> Fraction:
+        """A decoded frame's presentation time; one frame after the last one for the rare frame without a time stamp."""
+        if frame.pts is not None:
+            self._last = self.seconds(frame.pts)
+        else:
+            last = getattr(self, "_last", None)
+            self._last = Fraction(0) if last is None else last + (1 / self.frame_rate if self.frame_rate else Fraction(1, 1000))
+        return self._last
 
     def duration_s(self) -> float | None:
         if self.stream.duration is not None:
@@ -281,7 +286,7 @@ def iter_range(
         try:
             frames = _frames_from(video, start)
             for frame in frames:
-                t = video.seconds(frame.pts)
+                t = video.time_of(frame)
                 if t < start:
                     continue
                 if end is not None and t >= end:
@@ -323,11 +328,10 @@ def _frames_from(video: _Video, start: Fraction):
         first = next(frames, None)
         if first is None:
             return
-        if video.seconds(first.pts) <= start or backoff == RESEEK_BACKOFF_S[-1]:
+        if video.time_of(first) <= start or backoff == RESEEK_BACKOFF_S[-1]:
             yield first
             yield from frames
             return
-    # unreachable: the last backoff always yields
 
 
 def read_frames_at(uri: str, times: list[float], max_side: int = 480) -> dict[float, "object | None"]:
@@ -341,7 +345,7 @@ def read_frames_at(uri: str, times: list[float], max_side: int = 480) -> dict[fl
             target = Fraction(str(t))
             for frame in _frames_from(video, target):
                 # Sources round times to microseconds: the frame is the one within half a frame.
-                if video.seconds(frame.pts) >= target - frame_s / 2:
+                if video.time_of(frame) >= target - frame_s / 2:
                     image = frame.to_image()
                     image.thumbnail((max_side, max_side), Image.BILINEAR)
                     found[t] = image
