@@ -24,9 +24,9 @@ PARTITION_SCHEMA = pa.schema([pa.field("episode", pa.string())])
 # Columns stored in each Parquet file (everything but the partition key).
 LABELS_FILE_SCHEMA = pa.schema(
     [
-        pa.field("frame", pa.int64()),
-        pa.field("timestamp_s", pa.float64()),  # frame / fps; null without --fps
-        pa.field("source", pa.string()),  # file URI, or "<archive URI>#<member>"
+        pa.field("frame", pa.int64()),  # a video's frame index at its rate, or a dump's number from the file name
+        pa.field("timestamp_s", pa.float64()),  # a video's presentation time; a dump's (frame - first) / fps, null without --fps
+        pa.field("source", pa.string()),  # "<video URI>#t=<seconds>", a file URI, or "<archive URI>#<member>"
         pa.field("label", pa.string()),  # top-1 character; null below --min-confidence
         pa.field("confidence", pa.float32()),  # top-1 softmax probability
         pa.field("top_labels", pa.list_(pa.string())),
