@@ -143,16 +143,23 @@ def bench_model_only(model_dir: str, frames_dir: str, batch_size: int, device: s
 def bench_plain_loop(model_dir: str, frames_dir: str, batch_size: int, device: str) -> float:
     """Frames/s of one process: read, PIL decode, torchvision transforms, forward."""
     from PIL import Image
-    from torchvision import transforms
 
     start = time.perf_counter()
+    n = label_plainly((Image.open(io.BytesIO(data)).convert("RGB") for data in iter_dump(frames_dir)), model_dir, batch_size, device)
+    return n / (time.perf_counter() - start)
+
+
+def label_plainly(pictures, model_dir: str, batch_size: int, device: str) -> int:
+    """The plain loop's model side: PIL pictures -> torchvision Resize/ToTensor/Normalize -> batches -> forward of the model as loaded."""
+    from torchvision import transforms
+
     artifact = load_artifact(model_dir, device)
     size = artifact.preprocess.image_size
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(artifact.preprocess.mean, artifact.preprocess.std)])
     n, pending = 0, []
     with torch.inference_mode():
-        for data in iter_dump(frames_dir):
-            pending.append(transform(Image.open(io.BytesIO(data)).convert("RGB")))
+        for picture in pictures:
+            pending.append(transform(picture))
             if len(pending) == batch_size:
                 artifact.model(torch.stack(pending).to(device)).softmax(1).topk(3).values.cpu()
                 n, pending = n + len(pending), []
@@ -160,7 +167,7 @@ def bench_plain_loop(model_dir: str, frames_dir: str, batch_size: int, device: s
             artifact.model(torch.stack(pending).to(device)).softmax(1).topk(3).values.cpu()
             n += len(pending)
     _sync(device)
-    return n / (time.perf_counter() - start)
+    return n
 
 
 def _sync(device: str) -> None:

@@ -42,9 +42,9 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from bench_label import TreeMemory  # noqa: E402
+from bench_label import TreeMemory, label_plainly  # noqa: E402
 from simpsons_ray import video as video_lib  # noqa: E402
-from simpsons_ray.model import build_model, load_artifact, save_artifact  # noqa: E402
+from simpsons_ray.model import build_model, save_artifact  # noqa: E402
 from simpsons_ray.preprocess import PreprocessConfig  # noqa: E402
 
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "simpsons-kaggle", "train")
@@ -131,27 +131,19 @@ def kept(timestamp: float, last_bucket: list, sample_fps: float | None) -> bool:
 def plain_loop(model_dir: str, path: str, sample_fps: float | None, batch_size: int, device: str) -> tuple[int, float]:
     """(frames labelled, frames/s) of one process: PyAV decode, PIL + torchvision transforms, forward."""
     import av
-    from torchvision import transforms
 
     start = time.perf_counter()
-    artifact = load_artifact(model_dir, device)
-    size = artifact.preprocess.image_size
-    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                                    transforms.Normalize(artifact.preprocess.mean, artifact.preprocess.std)])
-    n, pending, last = 0, [], [None]
-    with av.open(path) as container, torch.inference_mode():
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for frame in container.decode(stream):
-            if not kept(float(frame.pts * stream.time_base), last, sample_fps):
-                continue
-            pending.append(transform(frame.to_image()))
-            if len(pending) == batch_size:
-                artifact.model(torch.stack(pending).to(device)).softmax(1).topk(3).values.cpu()
-                n, pending = n + len(pending), []
-        if pending:
-            artifact.model(torch.stack(pending).to(device)).softmax(1).topk(3).values.cpu()
-            n += len(pending)
+
+    def pictures():
+        last = [None]
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                if kept(float(frame.pts * stream.time_base), last, sample_fps):
+                    yield frame.to_image()
+
+    n = label_plainly(pictures(), model_dir, batch_size, device)
     return n, n / (time.perf_counter() - start)
 
 
