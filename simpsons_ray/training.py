@@ -689,9 +689,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     _check_inputs(config)
     split, dropped = _split(config)
+    _check_resume(config)  # before Ray starts: a refused resume should not wait for a cluster
     if not ray.is_initialized():
         ray.init()
-    _check_resume(config)
     train_ds, skipped_train = training_data.drop_unreadable(training_data.decoded_dataset(split.train, config.image_size, config.seed), "training")
     val_ds, skipped_val = training_data.drop_unreadable(training_data.decoded_dataset(split.val, config.image_size, config.seed), "validation")
     train_images = train_ds.count()
