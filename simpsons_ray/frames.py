@@ -34,7 +34,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 from simpsons_ray import storage
 from simpsons_ray.errors import UserError
 from simpsons_ray.preprocess import is_image_name
-from simpsons_ray.video import VIDEO_SUFFIXES, video_episode_id
+from simpsons_ray.video import VIDEO_SUFFIXES
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 FOLDER, ARCHIVE, VIDEO = "folder", "archive", "video"
@@ -81,13 +81,18 @@ def frame_number(name: str) -> int | None:
     return int(runs[-1]) if runs else None
 
 
-def archive_episode_id(name: str) -> str | None:
-    """Episode id of an archive file name (``S01E01.tar.gz`` -> ``S01E01``), None if not an archive."""
+def _without_suffix(name: str, suffixes: tuple[str, ...]) -> str | None:
+    """``name`` without the first of ``suffixes`` it ends with (any case), None if it ends with none."""
     lower = name.lower()
-    for suffix in ARCHIVE_SUFFIXES:
+    for suffix in suffixes:
         if lower.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return None
+
+
+def archive_episode_id(name: str) -> str | None:
+    """Episode id of an archive file name (``S01E01.tar.gz`` -> ``S01E01``), None if not an archive."""
+    return _without_suffix(name, ARCHIVE_SUFFIXES)
 
 
 def episode_of_file(name: str) -> tuple[str, str] | None:
@@ -95,7 +100,7 @@ def episode_of_file(name: str) -> tuple[str, str] | None:
     episode_id = archive_episode_id(name)
     if episode_id is not None:
         return episode_id, ARCHIVE
-    episode_id = video_episode_id(name)
+    episode_id = _without_suffix(name, VIDEO_SUFFIXES)
     if episode_id is not None:
         return episode_id, VIDEO
     return None

@@ -67,15 +67,6 @@ class VideoError(Exception):
     """The file is not a video we can decode; the message is the error row's text."""
 
 
-def video_episode_id(name: str) -> str | None:
-    """Episode id of a video file name (``S01E01.mkv`` -> ``S01E01``), None if not a video."""
-    lower = name.lower()
-    for suffix in VIDEO_SUFFIXES:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
 @dataclass(frozen=True)
 class VideoInfo:
     """What a read plan needs to know about a video."""
@@ -141,8 +132,6 @@ class _Video:
         import av
 
         self.uri = uri
-        if storage.info(uri).size == 0:
-            raise VideoError("the file is empty (0 bytes)")
         self._file = io.BufferedReader(_RangedReader(storage.open_input_file(uri)), buffer_size=READ_BUFFER_BYTES)
         try:
             self.container = av.open(self._file, mode="r")
@@ -210,6 +199,10 @@ def probe(uri: str) -> VideoInfo:
     """Duration, frame rate, size and codec of a video; raises VideoError for anything that is not one."""
     import av
 
+    # FFmpeg says only "invalid data" of an empty file. Checked here, once per video,
+    # not in every range task's open (a HEAD request each on S3).
+    if storage.info(uri).size == 0:
+        raise VideoError("the file is empty (0 bytes)")
     with _Video(uri) as video:
         codec = video.stream.codec_context.name
         duration = video.duration_s()
