@@ -4,7 +4,8 @@
     OUTPUT/_errors/<id>.parquet          its error rows
     OUTPUT/_progress/<id>.json           the marker: the episode is committed, and with which settings
     OUTPUT/_runs/<run_id>.json           one summary per run
-    OUTPUT/_tmp/<run_id>/                files being written; anything here is from an unfinished run
+    OUTPUT/_tmp/<run_id>/                files being written by a run; a dead run's are removed by the next
+    OUTPUT/_leases/<id>.json             which live job is labelling the episode (leases.py)
 """
 
 from __future__ import annotations
@@ -45,12 +46,31 @@ class OutputLayout:
     def run_summary(self, run_id: str) -> str:
         return storage.join(self.output_uri, schema.RUNS_DIR, f"{run_id}.json")
 
-    def remove_partial_writes(self) -> None:
-        """Remove the temp files of atomic local writes that a kill cut short (``<name>.tmp-<hex>``)."""
+    def remove_partial_writes(self, episode_ids: set[str]) -> None:
+        """Remove what atomic local writes of these episodes left when a kill cut them short (``<name>.tmp-<hex>``).
+
+        Only the given episodes' (this job's, by lease): another live job may be
+        in the middle of such a write for its own.
+        """
         for folder in (schema.ERRORS_DIR, PROGRESS_DIR):
             for entry in storage.list_files(storage.join(self.output_uri, folder), recursive=False):
-                if ".tmp-" in entry.relpath:
+                name, tmp, _ = entry.relpath.partition(".tmp-")
+                if tmp and name.rsplit(".", 1)[0] in episode_ids:
                     storage.delete(entry.uri)
+
+    def remove_dead_runs(self, live_runs: set[str]) -> list[str]:
+        """Remove the temporary files of runs that are not live (killed or failed), and abort their open S3 uploads.
+
+        (An upload that was never completed is no object yet, so it is found by
+        listing the uploads, not the files.)
+        """
+        storage.abort_uploads(self.tmp_dir(), keep=lambda path: path.split("/", 1)[0] in live_runs)
+        removed = []
+        for name, is_dir in storage.list_dir(self.tmp_dir()):
+            if is_dir and name not in live_runs:
+                storage.delete(self.tmp_run_dir(name))
+                removed.append(name)
+        return removed
 
     def remove_episode(self, episode_id: str) -> None:
         """Remove an episode's labels, errors and marker (marker first: never 'done' without rows)."""

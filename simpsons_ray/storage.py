@@ -14,7 +14,7 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -110,6 +110,7 @@ class Entry:
     uri: str
     relpath: str  # path below the listed root, always with forward slashes
     size: int
+    mtime_ns: int = 0  # modification time (S3: LastModified); 0 when the store gives none
 
 
 def list_files(uri: str, recursive: bool = True) -> list[Entry]:
@@ -123,7 +124,7 @@ def list_files(uri: str, recursive: bool = True) -> list[Entry]:
         rel = os.path.relpath(item.path, root).replace(os.sep, "/")
         if any(part.startswith(".") for part in rel.split("/")):
             continue
-        entries.append(Entry(to_uri(fs, item.path), rel, item.size or 0))
+        entries.append(Entry(to_uri(fs, item.path), rel, item.size or 0, item.mtime_ns or 0))
     entries.sort(key=lambda e: e.relpath)
     return entries
 
@@ -183,8 +184,81 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
+
+
 def write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    write_bytes(uri, json_bytes(obj))
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write a whole object only if nothing is there yet; False when something is. Atomic: of two callers one wins.
+
+    Locally a hard link of a finished temp file (link fails if the name exists); on
+    S3 a conditional PUT (``If-None-Match: *``, which S3 answers 412 when the key
+    exists), through boto3, since pyarrow's filesystem has no conditional write.
+    """
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    import botocore.exceptions
+
+    bucket, key = path.split("/", 1)
+    try:
+        _boto3_s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        return True
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or \
+                exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+            return False
+        raise OSError(f"cannot write {uri}: {exc}") from exc
+
+
+def abort_uploads(uri: str, keep: Callable[[str], bool] | None = None) -> int:
+    """Abort the unfinished S3 multipart uploads of a file, or of the files under a folder (billed until aborted); how many.
+
+    ``keep(path below uri)`` spares an upload. Local storage has none: 0.
+
+    A writer killed mid-file leaves one behind: pyarrow starts a multipart upload
+    once a file outgrows one part, and only its close completes it.
+    """
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return 0
+    bucket, _, key = path.partition("/")
+    client = _boto3_s3()
+    aborted = 0
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key):
+        for upload in page.get("Uploads", []):
+            if key and upload["Key"] != key and not upload["Key"].startswith(key + "/"):
+                continue  # only a name that merely starts the same
+            if keep is not None and keep(upload["Key"][len(key):].lstrip("/")):
+                continue
+            client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            aborted += 1
+    return aborted
+
+
+@functools.lru_cache(maxsize=None)
+def _boto3_s3():
+    """boto3's S3 client, for the two calls pyarrow lacks; it reads the same AWS environment (AWS_ENDPOINT_URL included)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}))
 
 
 def delete(uri: str) -> None:

@@ -1,0 +1,107 @@
+"""Episode leases: several labeling jobs on one output, each episode held by one live job at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from simpsons_ray import storage
+from simpsons_ray.leases import LeaseKeeper
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "labels")
+    server = request.getfixturevalue("s3_server")
+    return f"s3://{server.new_bucket()}/labels"
+
+
+def test_a_live_lease_keeps_other_jobs_off_and_is_given_back(output):
+    a, b = LeaseKeeper(output, "job-a", settle_s=0), LeaseKeeper(output, "job-b", settle_s=0)
+    assert a.acquire(["E1", "E2"]) == (["E1", "E2"], {})
+    held, elsewhere = b.acquire(["E2", "E3"])
+    assert held == ["E3"] and elsewhere == {"E2": "job-a"}
+    assert a.live_jobs() == {"job-a", "job-b"}
+    a.release(["E2"])
+    assert b.acquire(["E2"]) == (["E2"], {})
+    b.release(["E1"])  # not b's: left alone
+    assert a.still_mine("E1") and not a.still_mine("E2")
+
+
+def test_racing_jobs_split_the_episodes_between_them(output):
+    """Jobs that start at the same moment: every episode ends up with exactly one of them."""
+    episodes = [f"E{i:02d}" for i in range(24)]
+    keepers = [LeaseKeeper(output, f"job-{k}", settle_s=0) for k in range(3)]
+    results: dict[str, list[str]] = {}
+    start = threading.Barrier(len(keepers))
+
+    def run(keeper: LeaseKeeper) -> None:
+        start.wait()
+        results[keeper.job_id] = keeper.acquire(episodes)[0]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in keepers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    held = [e for h in results.values() for e in h]
+    assert sorted(held) == episodes  # each exactly once
+
+
+def test_an_expired_lease_is_taken_over_and_its_holder_notices(output):
+    slow = LeaseKeeper(output, "job-slow", ttl_s=0.5, settle_s=0)
+    assert slow.acquire(["E1"])[0] == ["E1"]
+    other = LeaseKeeper(output, "job-other", settle_s=0.2)
+    assert other.acquire(["E1"]) == ([], {"E1": "job-slow"})
+    time.sleep(0.6)  # no heartbeat: the lease expires
+    assert other.acquire(["E1"]) == (["E1"], {})
+    assert not slow.still_mine("E1") and slow.lost == {"E1"}
+    assert other.live_jobs() == {"job-other"}
+
+
+def test_the_heartbeat_renews_and_the_end_of_the_job_releases(output):
+    keeper = LeaseKeeper(output, "job-a", ttl_s=1.0, heartbeat_s=0.2, settle_s=0)
+    with keeper:
+        keeper.acquire(["E1", "E2"])
+        first = storage.read_json(keeper.uri("E1"))["heartbeat_unix"]
+        time.sleep(1.5)  # past the TTL: only the heartbeat keeps the lease live
+        lease = storage.read_json(keeper.uri("E1"))
+        assert lease["heartbeat_unix"] > first and keeper.is_live(lease)
+        assert LeaseKeeper(output, "job-b", settle_s=0).acquire(["E1"]) == ([], {"E1": "job-a"})
+    assert keeper.read("E1") is None and keeper.read("E2") is None
+
+
+def test_a_dead_process_on_this_machine_holds_nothing(tmp_path):
+    """A job killed outright: a rerun on the same machine takes its episodes at once, not after the TTL."""
+    output = str(tmp_path / "labels")
+    code = ("import sys; from simpsons_ray.leases import LeaseKeeper; "
+            "print(LeaseKeeper(sys.argv[1], 'job-killed', settle_s=0).acquire(['E1'])[0])")
+    done = subprocess.run([sys.executable, "-c", code, output], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert done.stdout.strip() == "['E1']"
+    lease = json.loads(open(os.path.join(output, "_leases", "E1.json")).read())
+    rerun = LeaseKeeper(output, "job-rerun", settle_s=0)
+    assert not rerun.is_live(lease)  # fresh, but its process has exited
+    assert rerun.acquire(["E1"]) == (["E1"], {})
+    assert rerun.is_live(storage.read_json(rerun.uri("E1")))  # ours, and we are alive
+
+
+def test_exclusive_create_and_aborting_uploads_on_s3(s3_server):
+    bucket = s3_server.new_bucket()
+    uri = f"s3://{bucket}/out/_leases/E1.json"
+    assert storage.create_exclusive(uri, b"first") and not storage.create_exclusive(uri, b"second")
+    assert storage.read_bytes(uri) == b"first"
+    client = s3_server.client()
+    for key in ("out/_tmp/run-1/episode=E1.parquet", "out/_tmp/run-10/episode=E2.parquet"):
+        upload = client.create_multipart_upload(Bucket=bucket, Key=key)
+        client.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 100)
+    assert storage.abort_uploads(f"s3://{bucket}/out/_tmp/run-1") == 1  # run-10 only shares a prefix
+    assert [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])] == ["out/_tmp/run-10/episode=E2.parquet"]
+    assert storage.abort_uploads("/tmp/not-s3") == 0
