@@ -231,8 +231,12 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", nargs="+", default=[], metavar="ID", help="label only these episode ids (space- or comma-separated)")
     p.add_argument("--batch-size", type=_positive_int, default=C.batch_size, help="frames per forward pass (default %(default)s)")
     p.add_argument("--num-workers", type=_positive_int, default=C.num_workers,
-                   help="predictor actors, one GPU each with --gpu (default: 1 with --gpu, else one single-threaded actor per CPU)")
+                   help="the most predictor actors, one GPU each with --gpu; the pool starts with one per GPU or CPU the cluster has "
+                        "and grows as the cluster does (default: no limit)")
     p.add_argument("--gpu", action="store_true", help="run the model on GPUs (bf16 autocast, channels_last)")
+    p.add_argument("--wait-for-gpus", type=_non_negative_float, default=C.wait_for_gpus, metavar="SECONDS",
+                   help="with --gpu on a cluster that has no GPU yet: how long to wait for its autoscaler to add one "
+                        "(default %(default)s; a local Ray started by the job fails at once)")
     p.add_argument("--min-confidence", type=_probability, default=C.min_confidence, help="label is null below this top-1 probability (default %(default)s)")
     p.add_argument("--top-k", type=_positive_int, default=C.top_k, help="labels and scores kept per frame (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="relabel episodes that are already done")
@@ -258,6 +262,7 @@ def _run_label(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             use_gpu=args.gpu,
+            wait_for_gpus=args.wait_for_gpus,
             min_confidence=args.min_confidence,
             top_k=args.top_k,
             overwrite=args.overwrite,

@@ -131,7 +131,21 @@ class EpisodeWriter:
         self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP_ROWS)
         self._pending, self._pending_rows = [], 0
 
-    def commit(self, run_id: str) -> dict[str, Any]:
+    def discard(self) -> None:
+        """Drop the episode's rows: close and delete the temporary file, abort an S3 upload the close could not finish."""
+        try:
+            if self._writer is not None:
+                self._writer.close()
+                self._sink.close()
+        except OSError:
+            pass
+        finally:
+            self._writer = None
+            self._pending = []
+            storage.abort_uploads(self.tmp_uri)
+            storage.delete(self.tmp_uri)
+
+    def commit(self, run_id: str, fingerprint: str = "") -> dict[str, Any]:
         """Land the episode: errors, then labels, then the marker that says it is done."""
         self._flush()
         if self._writer is not None:
@@ -157,6 +171,7 @@ class EpisodeWriter:
             "source": self.episode.uri,
             "kind": self.episode.kind,
             **self.settings.for_episode(self.episode.kind),
+            "source_fingerprint": fingerprint,  # frames.fingerprint_files: a rerun notices a changed source
             "frames": self.frames,
             "errors": len(self.errors),
             "run_id": run_id,

@@ -22,6 +22,7 @@ big, no number in its name, a stray non-image file, a broken archive) is a row w
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import posixpath
 import re
@@ -166,9 +167,36 @@ def list_episodes(frames_uri: str, episodes: Sequence[str] = ()) -> list[Episode
     return [found[e] for e in sorted(found)]
 
 
-def list_folder_frames(episode: Episode) -> list[storage.Entry]:
-    """Files of a folder episode, sorted by path (hidden files left out)."""
-    return storage.list_files(episode.uri, recursive=True)
+def list_folder_frames(folder_uri: str) -> list[storage.Entry]:
+    """Files of a folder episode, sorted by path (hidden files left out); listed by its read task."""
+    return storage.list_files(folder_uri, recursive=True)
+
+
+def fingerprint_files(entries: Iterable[storage.Entry]) -> str:
+    """What an episode's source looked like: a digest of every file's path, size and modification time.
+
+    Kept in the episode's marker, so that a rerun notices frames or a video that
+    changed since they were labelled.
+    """
+    digest = hashlib.sha256()
+    count = 0
+    for entry in entries:
+        digest.update(f"{entry.relpath}\t{entry.size}\t{entry.mtime_ns}\n".encode())
+        count += 1
+    return f"{count}:{digest.hexdigest()[:32]}"
+
+
+def fingerprint_file(uri: str) -> str:
+    """The fingerprint of an archive or a video: its size and modification time."""
+    found = storage.info(uri)
+    return fingerprint_files([storage.Entry(uri, storage.basename(uri), found.size or 0, found.mtime_ns or 0)])
+
+
+def fingerprint(episode: Episode) -> str:
+    """The fingerprint of an episode's source as it is now (a folder is listed: a rerun's check, not a plan's)."""
+    if episode.kind == FOLDER:
+        return fingerprint_files(list_folder_frames(episode.uri))
+    return fingerprint_file(episode.uri)
 
 
 def _check_name(name: str) -> tuple[int, str]:

@@ -25,9 +25,6 @@ from simpsons_ray.preprocess import ImageDecodeError, PreprocessConfig, is_plain
 
 logger = logging.getLogger("simpsons_ray.labeling")
 
-# A folder episode is read by tasks of this many files, so one long episode still
-# spreads over every CPU; an archive is one stream and so one task.
-FRAMES_PER_READ_TASK = 1024
 # The largest block of the labeling pipeline (Ray Data's default is 128 MiB), and
 # the rows per decode batch: ~16 MiB of normalised float32 images whatever the
 # image size. Small enough that one archive's frames spread over many decode
@@ -40,7 +37,7 @@ MAX_ROWS_PER_BLOCK = 256
 PROBE_THREADS = 16
 
 # Columns every stage passes on unchanged, from the read task to the writer.
-PASSED_ON = ("episode", "task", "task_end", "source", "frame", "timestamp")
+PASSED_ON = ("episode", "task", "task_end", "source", "frame", "timestamp", "fingerprint")
 
 
 # ----------------------------------------------------------------------------- read
@@ -58,12 +55,12 @@ class VideoRange:
 
 @dataclass(frozen=True)
 class ReadSpec:
-    """One read task: a whole archive, a chunk of a folder's files, or a time range of a video."""
+    """One read task: a whole folder or archive, or a time range of a video."""
 
     task_id: int
     episode_id: str
     archive_uri: str | None = None
-    entries: tuple[storage.Entry, ...] = ()
+    folder_uri: str | None = None  # listed by the read task itself, never on the driver
     video: VideoRange | None = None
     empty_reason: str = ""  # the error row to emit when the task yields no frame
     empty_source: str = ""  # and the source it names (default: the archive, or the first file)
@@ -89,15 +86,19 @@ READ_BLOCK_SCHEMA = pa.schema(
         ("error", pa.string()),  # "" for a readable frame
         ("timestamp", pa.float64()),  # a video frame's time in the container; NaN for dumps
         ("encoding", pa.string()),  # "" for an image file's bytes, PIXELS for decoded frames
+        ("fingerprint", pa.string()),  # on a task's last row: its source as read (frames.fingerprint_files); else ""
     ]
 )
 
 
-def plan_read_tasks(episodes: list[frames_lib.Episode], frames_per_task: int, videos: VideoPlan) -> list[ReadSpec]:
-    """Split episodes into read tasks: one per archive, one per chunk of a folder, one per time range of a video.
+def plan_read_tasks(episodes: list[frames_lib.Episode], videos: VideoPlan) -> list[ReadSpec]:
+    """Split episodes into read tasks: one per folder or archive, one per time range of a video.
 
-    Videos are probed here (a few reads of each header); one that is not a video
-    FFmpeg can decode becomes a task that emits its error row.
+    The driver never lists the frames of an episode: a folder's read task lists
+    them itself, so the plan (and the driver's memory) grows with the episodes,
+    not with the frames (a 750-episode series is 750 folders, not 24 million
+    paths). Videos are probed here (a few reads of each header); one that is not
+    a video FFmpeg can decode becomes a task that emits its error row.
     """
     specs: list[ReadSpec] = []
     infos = _probe_videos([e.uri for e in episodes if e.kind == frames_lib.VIDEO])
@@ -117,11 +118,8 @@ def plan_read_tasks(episodes: list[frames_lib.Episode], frames_per_task: int, vi
         if episode.kind == frames_lib.ARCHIVE:
             specs.append(ReadSpec(len(specs), episode.episode_id, archive_uri=episode.uri, empty_reason="empty archive: no frames"))
             continue
-        entries = frames_lib.list_folder_frames(episode)
-        if not entries:
-            specs.append(ReadSpec(len(specs), episode.episode_id, empty_reason="empty folder: no frames"))
-        for start in range(0, len(entries), frames_per_task):
-            specs.append(ReadSpec(len(specs), episode.episode_id, entries=tuple(entries[start : start + frames_per_task])))
+        specs.append(ReadSpec(len(specs), episode.episode_id, folder_uri=episode.uri, empty_reason="empty folder: no frames",
+                              empty_source=episode.uri))
     return specs
 
 
@@ -150,14 +148,21 @@ def rows_per_block(image_size: int) -> int:
 def read_frames(spec: ReadSpec, block_rows: int) -> Iterator[pa.Table]:
     """Yield the task's frames as blocks of ``block_rows``; the last row carries the count."""
     if spec.video is not None:
+        fingerprint = frames_lib.fingerprint_file(spec.video.uri)
         rows = _iter_video_frames(spec.video)
         empty_source = spec.empty_source
     elif spec.archive_uri is not None:
+        fingerprint = frames_lib.fingerprint_file(spec.archive_uri)
         rows = frames_lib.iter_archive_frames(spec.archive_uri)
         empty_source = spec.empty_source or spec.archive_uri
-    else:
-        rows = frames_lib.iter_folder_frames(spec.entries)
-        empty_source = spec.empty_source or (spec.entries[0].uri if spec.entries else "")
+    elif spec.folder_uri is not None:
+        entries = frames_lib.list_folder_frames(spec.folder_uri)
+        fingerprint = frames_lib.fingerprint_files(entries)
+        rows = frames_lib.iter_folder_frames(entries)
+        empty_source = spec.empty_source
+    else:  # a video that would not probe: its error row only
+        fingerprint = frames_lib.fingerprint_file(spec.empty_source)
+        rows, empty_source = iter(()), spec.empty_source
     total = 0
     pending: list[frames_lib.RawFrame] = []
     for row in rows:
@@ -170,7 +175,7 @@ def read_frames(spec: ReadSpec, block_rows: int) -> Iterator[pa.Table]:
     if not pending and total == 0:
         pending = [frames_lib.RawFrame(empty_source, -1, b"", spec.empty_reason or "no frames")]
     total += len(pending)
-    yield _block(spec, pending, total)
+    yield _block(spec, pending, total, fingerprint)
 
 
 def _iter_video_frames(where: VideoRange) -> Iterator[frames_lib.RawFrame]:
@@ -181,10 +186,12 @@ def _iter_video_frames(where: VideoRange) -> Iterator[frames_lib.RawFrame]:
         yield frames_lib.RawFrame(video.frame_source(where.uri, where.start), -1, b"", str(exc))
 
 
-def _block(spec: ReadSpec, rows: list[frames_lib.RawFrame], task_end: int) -> pa.Table:
+def _block(spec: ReadSpec, rows: list[frames_lib.RawFrame], task_end: int, fingerprint: str = "") -> pa.Table:
     n = len(rows)
     ends = [0] * n
     ends[-1] = task_end
+    prints = [""] * n
+    prints[-1] = fingerprint
     return pa.Table.from_arrays(
         [
             pa.array([spec.episode_id] * n, pa.string()),
@@ -196,6 +203,7 @@ def _block(spec: ReadSpec, rows: list[frames_lib.RawFrame], task_end: int) -> pa
             pa.array([r.error for r in rows], pa.string()),
             pa.array([r.timestamp_s for r in rows], pa.float64()),
             pa.array([r.encoding for r in rows], pa.string()),
+            pa.array(prints, pa.string()),
         ],
         schema=READ_BLOCK_SCHEMA,
     )
@@ -215,11 +223,10 @@ def frame_dump_datasource(specs: list[ReadSpec], block_rows: int):
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
             # One task per spec whatever `parallelism` asks: a tar stream can't be split,
-            # and folder chunks are already sized for it.
+            # and the frames of a folder are not known until its task lists them.
             tasks = []
             for spec in specs:
-                rows = len(spec.entries) if spec.entries else None  # an archive's or a video's: unknown until read
-                meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=None)
+                meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
                 tasks.append(ReadTask(lambda spec=spec: read_frames(spec, block_rows), meta, schema=READ_BLOCK_SCHEMA))
             return tasks
 

@@ -29,6 +29,7 @@ import datetime as dt
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,10 +37,10 @@ from simpsons_ray import frames as frames_lib
 from simpsons_ray import schema, storage, video
 from simpsons_ray.commit import LabelSettings
 from simpsons_ray.errors import UserError
-from simpsons_ray.ingest import FRAMES_PER_READ_TASK
 from simpsons_ray.layout import OutputLayout
+from simpsons_ray.leases import LeaseKeeper
 from simpsons_ray.model import read_artifact_config
-from simpsons_ray.pipeline import DECODE_CHOICES, Progress, check_resources, ensure_ray, run_pipeline
+from simpsons_ray.pipeline import DECODE_CHOICES, WAIT_FOR_GPUS_S, Progress, check_resources, ensure_ray, run_pipeline
 from simpsons_ray.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -57,13 +58,13 @@ class LabelConfig:
     sample_fps: float | None = video.DEFAULT_SAMPLE_FPS  # videos: frames kept per second of video; None: every frame
     episodes: tuple[str, ...] = ()  # empty: every episode under frames_uri
     batch_size: int = 64  # frames per forward pass
-    num_workers: int | None = None  # predictor actors; None: 1 with use_gpu, else one per CPU (see pipeline.predictor_pool)
+    num_workers: int | None = None  # the most predictor actors; None: as many as the cluster holds (see pipeline.predictor_pool)
     use_gpu: bool = False
+    wait_for_gpus: float = WAIT_FOR_GPUS_S  # --gpu on a cluster with none yet: seconds to wait for its autoscaler
     min_confidence: float = 0.0  # label is null below this top-1 probability
     top_k: int = 3
     overwrite: bool = False  # relabel episodes already done
     decode: str = "auto"  # where frames are decoded: "tasks" (PIL, CPU tasks), "predictor", or "auto" (see pipeline.decode_in_predictor)
-    frames_per_read_task: int = FRAMES_PER_READ_TASK
     seconds_per_read_task: float = video.SECONDS_PER_READ_TASK  # a video is decoded in time ranges this long
 
 
@@ -88,27 +89,43 @@ def label(config: LabelConfig) -> dict[str, Any]:
     layout = OutputLayout(config.output_uri)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
-    todo, skipped = _split_done(layout, episodes, settings, config.overwrite)
-    logger.info(
-        "label: %d episode(s) under %s, %d already labelled by %s, %d to do",
-        len(episodes), config.frames_uri, len(skipped), settings.model_id, len(todo),
-    )
-    if todo:
-        _check_weights(config.model_uri, model_config, settings.model_id)
-        ensure_ray()
-        check_resources(config)
-    # Anything an interrupted run left behind: temp files, and rows or errors of
-    # episodes it never marked done. Removed before any new row is written.
-    storage.delete(layout.tmp_dir())
-    layout.remove_partial_writes()
-    for episode in todo:
-        layout.remove_episode(episode.episode_id)
+    todo, skipped, stale = _split_done(layout, episodes, settings, config.overwrite)
+    leases = LeaseKeeper(config.output_uri, run_id)
+    # Episodes another live job is labelling are its to finish: skipped here.
+    held, elsewhere = leases.acquire(e.episode_id for e in todo)
+    with leases:  # renews the leases while the job runs, and gives back what is left at the end
+        # Between our look at the markers and our leases, another job may have committed some.
+        mine = set(held)
+        todo, done_meanwhile, _ = _split_done(layout, [e for e in todo if e.episode_id in mine], settings, config.overwrite)
+        leases.release(e.episode_id for e in done_meanwhile)
+        skipped += done_meanwhile
+        logger.info(
+            "label: %d episode(s) under %s, %d already labelled by %s, %d held by other running jobs, %d to do",
+            len(episodes), config.frames_uri, len(skipped), settings.model_id, len(elsewhere), len(todo),
+        )
+        if elsewhere:
+            logger.info("label: skipped, being labelled by another job: %s", _preview([f"{e} ({job})" for e, job in sorted(elsewhere.items())]))
+        if todo:
+            _check_weights(config.model_uri, model_config, settings.model_id)
+            check_resources(config, can_autoscale=ensure_ray())
+        # What killed or failed runs left: their temporary files and open S3 uploads,
+        # and the rows or errors of episodes they never marked done (only episodes
+        # this job holds: a live job's files are its own). Removed before any new row.
+        dead = layout.remove_dead_runs(leases.live_jobs() | {run_id})
+        if dead:
+            logger.info("label: removed the temporary files of %d run(s) that did not finish: %s", len(dead), _preview(dead))
+        layout.remove_partial_writes({e.episode_id for e in todo})
+        for episode in todo:
+            layout.remove_episode(episode.episode_id)
 
-    progress = Progress(len(todo))
-    empty: list[str] = []
-    if todo:
-        empty = run_pipeline(config, layout, run_id, todo, classes, preprocess, settings, progress)
-        storage.delete(layout.tmp_run_dir(run_id))
+        progress = Progress(len(todo))
+        empty: list[str] = []
+        if todo:
+            try:
+                empty = run_pipeline(config, layout, run_id, todo, classes, preprocess, settings, progress, leases)
+            finally:
+                storage.abort_uploads(layout.tmp_run_dir(run_id))
+                storage.delete(layout.tmp_run_dir(run_id))
 
     wall = time.monotonic() - t0
     summary = {
@@ -119,8 +136,13 @@ def label(config: LabelConfig) -> dict[str, Any]:
         "episodes": len(episodes),
         "episodes_labelled": progress.episodes_done,
         "episodes_skipped": len(skipped),
+        "episodes_held_elsewhere": sorted(elsewhere),
+        "episodes_stale": stale,
+        "episodes_lost_lease": sorted(leases.lost),
         "empty_episodes": empty,
         "wall_time_s": round(wall, 3),
+        # From the start of the run (Ray start-up included) to the first labelled batch.
+        "first_batch_s": round(progress.first_batch_at - t0, 3) if progress.first_batch_at else None,
         "frames_per_s": round(progress.frames / wall, 2) if wall > 0 else 0.0,
         "started_at": started_at,
         "finished_at": _now(),
@@ -136,11 +158,14 @@ def label(config: LabelConfig) -> dict[str, Any]:
     )
     if empty:
         logger.info("label: no frames in episode(s) %s (see %s)", ", ".join(empty), storage.join(config.output_uri, schema.ERRORS_DIR))
+    if stale:
+        logger.warning("label: the frames or video of %d labelled episode(s) changed since they were labelled, and their labels "
+                       "were kept: %s; pass --overwrite --episodes %s to relabel them", len(stale), _preview(stale), " ".join(stale[:20]))
     return summary
 
 
 def _validate(config: LabelConfig) -> None:
-    if config.batch_size <= 0 or (config.num_workers is not None and config.num_workers <= 0) or config.top_k <= 0 or config.frames_per_read_task <= 0:
+    if config.batch_size <= 0 or (config.num_workers is not None and config.num_workers <= 0) or config.top_k <= 0:
         raise UserError("--batch-size, --num-workers and --top-k must be positive integers.")
     if config.decode not in DECODE_CHOICES:
         raise UserError(f"--decode {config.decode} is not one of {', '.join(DECODE_CHOICES)}.")
@@ -152,6 +177,8 @@ def _validate(config: LabelConfig) -> None:
         raise UserError(f"--sample-fps {config.sample_fps} must be a positive number of frames per second, or 'all'.")
     if config.first_frame_number < 0:
         raise UserError(f"--first-frame-number {config.first_frame_number} must be 0 or more.")
+    if config.wait_for_gpus < 0:
+        raise UserError(f"--wait-for-gpus {config.wait_for_gpus} must be 0 or more seconds.")
     if config.seconds_per_read_task <= 0:
         raise UserError("seconds_per_read_task must be positive.")
 
@@ -181,15 +208,22 @@ def _check_weights(model_uri: str, model_config: dict[str, Any], model_id: str) 
 
 def _split_done(
     layout: OutputLayout, episodes: list[frames_lib.Episode], settings: LabelSettings, overwrite: bool
-) -> tuple[list[frames_lib.Episode], list[frames_lib.Episode]]:
-    """(episodes to label, episodes already labelled with these settings)."""
+) -> tuple[list[frames_lib.Episode], list[frames_lib.Episode], list[str]]:
+    """(episodes to label, episodes already labelled with these settings, ids of those whose source changed since).
+
+    An episode whose frames or video changed since it was labelled is reported,
+    and relabelled only with ``overwrite``.
+    """
+    if overwrite:
+        return list(episodes), [], []
+    markers = dict(zip((e.episode_id for e in episodes), _in_threads(lambda e: _read_marker(layout, e), episodes)))
     todo, done, clashes = [], [], []
     for episode in episodes:
-        marker_uri = layout.marker(episode.episode_id)
-        if overwrite or not storage.exists(marker_uri):
+        marker = markers[episode.episode_id]
+        if marker is None:
             todo.append(episode)
             continue
-        diff = settings.differences(storage.read_json(marker_uri), episode.kind)
+        diff = settings.differences(marker, episode.kind)
         if diff:
             clashes.append(f"{episode.episode_id} ({', '.join(diff)})")
         else:
@@ -199,7 +233,34 @@ def _split_done(
             f"{layout.output_uri} already holds labels made with other settings for episode(s) {'; '.join(clashes[:3])}"
             f"{' and more' if len(clashes) > 3 else ''}: pass --overwrite to relabel them, or choose another --output."
         )
-    return todo, done
+    # Markers written before fingerprints existed have none: nothing to compare.
+    fingerprinted = [e for e in done if markers[e.episode_id].get("source_fingerprint")]
+    now = dict(zip((e.episode_id for e in fingerprinted), _in_threads(frames_lib.fingerprint, fingerprinted)))
+    stale = sorted(e.episode_id for e in fingerprinted if now[e.episode_id] != markers[e.episode_id]["source_fingerprint"])
+    return todo, done, stale
+
+
+def _read_marker(layout: OutputLayout, episode: frames_lib.Episode) -> dict[str, Any] | None:
+    try:
+        return storage.read_json(layout.marker(episode.episode_id))
+    except FileNotFoundError:
+        return None
+
+
+# Markers and fingerprints are small reads and listings: many side by side.
+CHECK_THREADS = 16
+
+
+def _in_threads(fn, items: list) -> list:
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(min(CHECK_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _preview(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _now() -> str:

@@ -1,6 +1,6 @@
 """The Ray side of labeling: one Ray Dataset for all episodes still to do, and the sizes of its stages.
 
-    read      one task per archive, per chunk of a folder, or per time range of a video   (ingest.py, frames.py, video.py)
+    read      one task per folder or archive (it lists its own frames), or per time range of a video  (ingest.py, frames.py, video.py)
     decode    CPU tasks: decode, resize, normalise, as the model artifact says          (ingest.py, preprocess.py)
               (video frames arrive decoded and resized by their read task: only normalised here;
               with --gpu: header checks only, the predictor decodes JPEGs on the GPU, see --decode)
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from simpsons_ray import cluster
 from simpsons_ray import frames as frames_lib
 from simpsons_ray.commit import EpisodeWriter, LabelSettings
 from simpsons_ray.errors import UserError
@@ -39,6 +40,7 @@ from simpsons_ray.ingest import (
     rows_per_block,
 )
 from simpsons_ray.layout import OutputLayout
+from simpsons_ray.leases import LeaseKeeper
 from simpsons_ray.predictor import FramePredictor
 from simpsons_ray.preprocess import PreprocessConfig
 
@@ -76,6 +78,7 @@ class Progress:
     errors: int = 0
     episodes_done: int = 0
     last_line: float = field(default_factory=time.monotonic)
+    first_batch_at: float | None = None  # time.monotonic() when the first labelled batch reached the driver
 
     def rate(self) -> float:
         return self.frames / max(time.monotonic() - self.started, 1e-9)
@@ -96,10 +99,15 @@ def run_pipeline(
     preprocess: PreprocessConfig,
     settings: LabelSettings,
     progress: Progress,
+    leases: LeaseKeeper,
 ) -> list[str]:
-    """Stream every frame of ``todo`` through the model; commit each episode as it completes."""
+    """Stream every frame of ``todo`` through the model; commit each episode as it completes, if its lease is still ours.
+
+    When the run fails, the episodes under way are dropped: their temporary files
+    deleted, S3 uploads aborted.
+    """
     videos = VideoPlan(config.sample_fps, config.seconds_per_read_task, preprocess.image_size)
-    specs = plan_read_tasks(todo, config.frames_per_read_task, videos)
+    specs = plan_read_tasks(todo, videos)
     by_id = {e.episode_id: e for e in todo}
     tasks_of: dict[str, set[int]] = defaultdict(set)
     episode_of: dict[int, str] = {}
@@ -109,11 +117,14 @@ def run_pipeline(
     received: Counter[int] = Counter()
     expected: dict[int, int] = {}
     writers: dict[str, EpisodeWriter] = {}
+    fingerprints: dict[str, str] = {}  # what each episode's read tasks saw of its source
     empty: list[str] = []
 
-    with _data_context():
+    with _data_context(), _discard_on_failure(writers):
         dataset = _build_dataset(config, specs, preprocess, settings.model_id)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            if progress.first_batch_at is None:
+                progress.first_batch_at = time.monotonic()
             episode_ids = batch["episode"]
             for eid in np.unique(episode_ids):
                 writer = writers.get(eid)
@@ -124,6 +135,10 @@ def run_pipeline(
             received.update(dict(zip(tasks.tolist(), counts.tolist())))
             ends = batch["task_end"] > 0
             expected.update(zip(batch["task"][ends].tolist(), batch["task_end"][ends].tolist()))
+            for eid, fingerprint in zip(episode_ids[ends].tolist(), batch["fingerprint"][ends].tolist()):
+                if fingerprints.setdefault(eid, fingerprint) != fingerprint:
+                    logger.warning("label: episode %s changed while it was being read; a rerun will say so", eid)
+                    fingerprints[eid] = "changed during the run"
             for task in tasks.tolist():
                 if expected.get(task) != received[task]:
                     continue
@@ -132,7 +147,12 @@ def run_pipeline(
                 if not tasks_of[eid]:
                     del tasks_of[eid]
                     writer = writers.pop(eid)
-                    marker = writer.commit(run_id)
+                    if not leases.still_mine(eid):
+                        writer.discard()
+                        logger.warning("label: episode %s: another job took its lease over; its rows from this job are dropped", eid)
+                        continue
+                    marker = writer.commit(run_id, fingerprints.get(eid, ""))
+                    leases.release([eid])
                     progress.frames += marker["frames"]
                     progress.errors += marker["errors"]
                     progress.episodes_done += 1
@@ -174,7 +194,10 @@ def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: Prepr
             batch_format="numpy",
             num_cpus=min(DECODE_TASK_CPUS, max(cluster_cpus / 2, 0.25)),  # a 1-CPU machine still decodes
         )
-    actors, predictor_args, resources = predictor_pool(config, cluster_cpus)
+    free = ray.available_resources()  # what other jobs on this cluster leave
+    pool = predictor_pool(config, cluster_cpus, int(ray.cluster_resources().get("GPU", 0)), free.get("CPU", 0.0), free.get("GPU", 0.0))
+    logger.info("label: predictor pool of %d actor(s) to start, growing up to %s as frames queue and the cluster allows",
+                pool.initial, pool.max_size or "what the cluster holds")
     return dataset.map_batches(
         FramePredictor,
         fn_constructor_kwargs={
@@ -182,12 +205,12 @@ def _build_dataset(config: LabelConfig, specs: list[ReadSpec], preprocess: Prepr
             "top_k": config.top_k,
             "expected_model_id": model_id,
             "decode": in_predictor,
-            **predictor_args,
+            **pool.predictor_args,
         },
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=pool.strategy(),
         batch_size=config.batch_size,
         batch_format="numpy",
-        **resources,
+        **pool.resources,
     )
 
 
@@ -203,53 +226,131 @@ def decode_in_predictor(config: LabelConfig) -> bool:
     return config.decode == "predictor" or (config.decode == "auto" and config.use_gpu)
 
 
-def predictor_pool(config: LabelConfig, cluster_cpus: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
-    """(actors, FramePredictor arguments, Ray resources per actor) for the predictor pool.
+@dataclass(frozen=True)
+class PoolPlan:
+    """The predictor pool: Ray Data grows it from ``initial`` up to ``max_size`` (None: no limit) as work and cluster allow."""
 
-    GPU: one actor per GPU, ``--num-workers`` of them (default 1). CPU: by default
-    one single-threaded actor per CPU of the cluster. On 2 cores, two
-    single-threaded actors labelled 919 frames/s where one actor with two threads
-    did 816 (80,000 frames, resnet18 at 64 px): the threads of one forward pass
-    wait for each other at every layer, separate actors never do.
+    min_size: int
+    initial: int
+    max_size: int | None
+    predictor_args: dict[str, Any]
+    resources: dict[str, Any]
+
+    def strategy(self):
+        import ray
+
+        return ray.data.ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size, initial_size=self.initial)
+
+
+def predictor_pool(config: LabelConfig, cluster_cpus: int, cluster_gpus: int = 0, free_cpus: float | None = None,
+                   free_gpus: float | None = None) -> PoolPlan:
+    """How the predictor pool is sized: elastic, from one actor up to ``--num-workers`` (default: no limit).
+
+    The pool starts with what is free on the cluster now (one actor per free GPU,
+    or per free CPU once a decode task has one) and Ray Data adds actors while
+    frames queue up and the cluster has room, including room an autoscaler adds
+    while the job runs; idle actors go away. A snapshot of the whole cluster at
+    start-up would keep one actor on a cluster whose workers start at zero
+    (cluster.yaml), however many nodes arrive later; and two jobs that each sized
+    themselves to the whole cluster left no CPU for either's decode tasks.
+
+    CPU actors are single-threaded by default: on 2 cores, two single-threaded
+    actors labelled 919 frames/s where one actor with two threads did 816
+    (80,000 frames, resnet18 at 64 px): the threads of one forward pass wait for
+    each other at every layer, separate actors never do. A ``--num-workers``
+    smaller than the CPUs gives each actor its share of them as threads.
     """
+    limit = config.num_workers
     if config.use_gpu:
-        return config.num_workers or 1, {"device": "cuda"}, {"num_gpus": 1, "num_cpus": 1}
-    actors = config.num_workers or max(1, cluster_cpus)
-    threads = max(1, cluster_cpus // actors)  # each actor's share of the cores, for its forward pass
+        free = cluster_gpus if free_gpus is None else int(free_gpus)
+        initial = max(1, min(limit or free, free))
+        return PoolPlan(1, initial, limit, {"device": "cuda"}, {"num_gpus": 1, "num_cpus": 1})
+    free = cluster_cpus if free_cpus is None else free_cpus
+    room = int((free - DECODE_TASK_CPUS) / CPU_PREDICTOR_CPUS) if free > DECODE_TASK_CPUS else 1
+    initial = max(1, min(limit or cluster_cpus, cluster_cpus, room))
+    threads = max(1, cluster_cpus // limit) if limit else 1  # each actor's share of the cores, for its forward pass
     # Decode tasks share the cores with the forward pass. OpenMP threads that spin
     # while waiting would take their time slices; passive waiting lets them run.
-    # The actors together reserve at most half the CPUs, so decode tasks always fit.
-    reserve = min(CPU_PREDICTOR_CPUS, cluster_cpus / 2 / actors)
+    # An actor reserves half a CPU (its forward pass still uses its share of the
+    # cores), so decode tasks always fit beside the actors; --num-workers actors
+    # together reserve at most half the CPUs of the cluster as it is now.
+    reserve = min(CPU_PREDICTOR_CPUS, cluster_cpus / 2 / limit) if limit else CPU_PREDICTOR_CPUS
     resources = {"num_cpus": reserve, "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
-    return actors, {"device": "cpu", "cpu_threads": threads}, resources
+    return PoolPlan(1, initial, limit, {"device": "cpu", "cpu_threads": threads}, resources)
 
 
-# Written by `ray up` on the head node of a cluster-launcher cluster; its autoscaler
-# reads it. Under `ray job submit` the driver runs on that head node.
-AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+# How long --gpu waits, by default, for an autoscaler to add a GPU node: a cloud GPU
+# node takes a few minutes to boot and join.
+WAIT_FOR_GPUS_S = 600.0
+WAIT_LINE_EVERY_S = 30.0
 
 
-def check_resources(config: LabelConfig) -> None:
-    """--gpu on a cluster without GPUs: an error, unless an autoscaler can still add GPU nodes."""
+def check_resources(config: LabelConfig, can_autoscale: bool) -> None:
+    """--gpu on a cluster without GPUs: wait for an autoscaler to add one, or fail in one sentence.
+
+    A cluster whose autoscaler publishes its node types (cluster.py) is asked for
+    a GPU when one of them has GPUs, and refused at once when none has. Any other
+    cluster this job joined may still autoscale (KubeRay, a managed service):
+    there too the job asks for a GPU and waits up to ``config.wait_for_gpus``
+    seconds, with a line every 30 s. A local Ray that this job started itself
+    cannot grow, so there it fails at once.
+    """
     import ray
 
     if not config.use_gpu or ray.cluster_resources().get("GPU", 0) >= 1:
         return
-    if os.path.exists(os.path.expanduser(AUTOSCALER_CONFIG)):
-        # cluster.yaml starts GPU workers at 0: the predictors' GPU requests make
-        # the autoscaler add them, which takes minutes, not an error.
-        logger.warning("label: no GPU in the cluster yet; the predictors will start when the autoscaler adds GPU nodes "
-                       "(stop the job and rerun without --gpu if this cluster has none)")
-        return
-    raise UserError("--gpu was given but the Ray cluster has no GPU: start it on GPU nodes, or drop --gpu to label on CPUs.")
+    types = cluster.node_types()
+    if types is not None and not cluster.can_add("GPU", types):
+        raise UserError("--gpu was given but the Ray cluster has no GPU and its autoscaler has no GPU node type: "
+                        "add one to the cluster's config, or drop --gpu to label on CPUs.")
+    if (types is None and not can_autoscale) or config.wait_for_gpus <= 0:
+        raise UserError("--gpu was given but the Ray cluster has no GPU: start it on GPU nodes, or drop --gpu to label on CPUs.")
+    from ray.autoscaler.sdk import request_resources
+
+    wanted = config.num_workers or 1
+    request_resources(bundles=[{"GPU": 1}] * wanted)
+    started = last_line = time.monotonic()
+    logger.info("label: the Ray cluster has no GPU yet; asked its autoscaler for %d and waiting up to %.0f s (--wait-for-gpus)",
+                wanted, config.wait_for_gpus)
+    try:
+        while ray.cluster_resources().get("GPU", 0) < 1:
+            waited = time.monotonic() - started
+            if waited >= config.wait_for_gpus:
+                raise UserError(
+                    f"--gpu was given but no GPU joined the Ray cluster within {config.wait_for_gpus:.0f} s (--wait-for-gpus): "
+                    "check that its autoscaler can start GPU nodes, wait longer, or drop --gpu to label on CPUs."
+                )
+            if time.monotonic() - last_line >= WAIT_LINE_EVERY_S:
+                last_line = time.monotonic()
+                logger.info("label: still waiting for a GPU node: %.0f s of %.0f s", waited, config.wait_for_gpus)
+            time.sleep(min(1.0, config.wait_for_gpus - waited))
+        logger.info("label: a GPU joined the cluster after %.0f s", time.monotonic() - started)
+    finally:
+        request_resources(bundles=[])  # the predictors' own requests keep what they use; drop the standing ask
 
 
-def ensure_ray() -> None:
-    """Join the Ray cluster of this job (RAY_ADDRESS, `ray job submit`), or start a local one."""
+def ensure_ray() -> bool:
+    """Join the Ray cluster of this job (RAY_ADDRESS, `ray job submit`), or start a local one.
+
+    Returns whether the cluster may autoscale: False only for a local Ray started here.
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+    if ray.is_initialized():
+        return True
+    address = os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address)
+    return address is not None
+
+
+@contextlib.contextmanager
+def _discard_on_failure(writers: dict[str, EpisodeWriter]) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
 
 
 @contextlib.contextmanager

@@ -28,11 +28,13 @@ import torch
 from PIL import Image
 
 from imagegen import SHAPE_CLASSES, SHAPE_FRAME_PX, SHAPE_MODEL_PX, class_image, encode, upload_tree, write_tar, write_video
+from simpsons_ray import frames as frames_lib
 from simpsons_ray import schema, video
 from simpsons_ray.errors import UserError
 from simpsons_ray.frames import frame_number, list_episodes
 from simpsons_ray.ingest import JPEG, PIXELS, decode_frames, route_frames
 from simpsons_ray.labeling import LabelConfig, label
+from simpsons_ray.leases import LeaseKeeper
 from simpsons_ray.model import build_model, fold_batchnorm, load_artifact
 from simpsons_ray.pipeline import decode_in_predictor, predictor_pool
 from simpsons_ray.predictor import FramePredictor
@@ -121,8 +123,7 @@ def local_run(ray_session, model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("local")
     frames_dir, output = str(root / "frames"), str(root / "labels")
     dump = make_dump(frames_dir)
-    # Small read tasks so that one folder episode spans several of them.
-    summary = label(LabelConfig(model_uri=model_dir, frames_uri=frames_dir, output_uri=output, fps=25.0, frames_per_read_task=5))
+    summary = label(LabelConfig(model_uri=model_dir, frames_uri=frames_dir, output_uri=output, fps=25.0))
     return {"frames": frames_dir, "output": output, "dump": dump, "summary": summary}
 
 
@@ -223,6 +224,47 @@ def test_rerun_is_a_no_op(local_run, model_dir):
     assert label_files(output) == before
 
 
+def test_episodes_of_a_live_job_are_left_to_it_and_changed_sources_are_reported(ray_session, model_dir, tmp_path):
+    """Two jobs on one output: each skips what the other holds, and cleans only the files of runs that are dead."""
+    frames_dir, output = str(tmp_path / "frames"), str(tmp_path / "labels")
+    make_dump(frames_dir, seed=5, per_episode=4)
+    other = LeaseKeeper(output, "job-other", settle_s=0)  # a live job, labelling S01E02 right now
+    assert other.acquire(["S01E02"])[0] == ["S01E02"]
+    live_tmp = os.path.join(output, "_tmp", "job-other", "episode=S01E02.parquet")  # its file under way
+    dead_tmp = os.path.join(output, "_tmp", "20260101T000000Z-dead00", "episode=S01E01.parquet")  # a killed run's
+    for path in (live_tmp, dead_tmp):
+        os.makedirs(os.path.dirname(path))
+        with open(path, "wb") as f:
+            f.write(b"PAR1 under way")
+    cfg = dict(model_uri=model_dir, frames_uri=frames_dir, output_uri=output)
+
+    summary = label(LabelConfig(**cfg))
+    assert summary["episodes_held_elsewhere"] == ["S01E02"] and summary["episodes_labelled"] == 2
+    assert set(read_labels(output)["episode"]) == {"S01E01", "S01E03"}
+    assert os.path.exists(live_tmp) and not os.path.exists(os.path.dirname(dead_tmp))
+    assert other.still_mine("S01E02") and not os.path.exists(os.path.join(output, "_leases", "S01E01.json"))
+
+    # The other job ends without finishing; then a frame of S01E01 is replaced and the S01E03 archive rewritten.
+    other.release(["S01E02"])
+    with open(os.path.join(frames_dir, "S01E01", "frame_000000.jpg"), "wb") as f:
+        f.write(frame_bytes(np.random.default_rng(99), 3))
+    os.utime(os.path.join(frames_dir, "S01E03.tar.gz"), (1_000_000_000, 1_000_000_000))
+    before = {k: v for k, v in label_files(output).items() if "S01E02" not in k}
+    summary = label(LabelConfig(**cfg))
+    assert summary["episodes_labelled"] == 1 and summary["episodes_stale"] == ["S01E01", "S01E03"]
+    assert {k: v for k, v in label_files(output).items() if "S01E02" not in k} == before  # kept, only reported
+
+    summary = label(LabelConfig(**cfg, episodes=("S01E01", "S01E03"), overwrite=True))
+    assert summary["episodes_labelled"] == 2
+    for eid in ("S01E01", "S01E03"):
+        episode = next(e for e in list_episodes(frames_dir) if e.episode_id == eid)
+        marker = json.load(open(os.path.join(output, "_progress", f"{eid}.json")))
+        assert marker["source_fingerprint"] == frames_lib.fingerprint(episode)
+    df = read_labels(output)
+    assert len(df) == 12 and df["source"].is_unique
+    assert not os.listdir(os.path.join(output, "_leases")) and not os.listdir(os.path.join(output, "_tmp"))
+
+
 def test_predictor_fast_paths_agree_with_the_plain_model_on_cpu(model_dir):
     """Folded BatchNorm and channels_last (the defaults), and bf16 autocast (the GPU setting), against plain fp32."""
     rng = np.random.default_rng(5)
@@ -268,16 +310,27 @@ def test_predictor_applies_the_artifacts_temperature_and_flip_tta(model_dir, tmp
     assert plain_scores[:, 0].mean() > scores[:, 0].mean()  # T > 1 tempers an overconfident model
 
 
-def test_predictor_pool_sizes_and_reservations():
+def test_predictor_pool_is_elastic_from_one_actor():
     config = LabelConfig(model_uri="m", frames_uri="f", output_uri="o")
-    actors, args, resources = predictor_pool(config, cluster_cpus=2)
-    assert (actors, args["cpu_threads"], resources["num_cpus"]) == (2, 1, 0.5)  # one single-threaded actor per CPU
-    actors, args, resources = predictor_pool(dataclasses.replace(config, num_workers=1), cluster_cpus=8)
-    assert (actors, args["cpu_threads"], resources["num_cpus"]) == (1, 8, 0.5)
-    actors, _, resources = predictor_pool(dataclasses.replace(config, num_workers=4), cluster_cpus=2)
-    assert actors * resources["num_cpus"] <= 1.0  # decode tasks keep half the CPUs
-    actors, args, resources = predictor_pool(dataclasses.replace(config, use_gpu=True), cluster_cpus=8)
-    assert (actors, args["device"], resources["num_gpus"]) == (1, "cuda", 1)
+    pool = predictor_pool(config, cluster_cpus=2)
+    # Starts with one single-threaded actor per CPU there is now, and may grow without limit.
+    assert (pool.min_size, pool.initial, pool.max_size, pool.predictor_args["cpu_threads"], pool.resources["num_cpus"]) == (1, 2, None, 1, 0.5)
+    strategy = pool.strategy()
+    assert (strategy.min_size, strategy.initial_size, strategy.max_size) == (1, 2, float("inf"))
+    # A cluster whose workers start at zero (a head with no CPUs): one actor to start, still unbounded.
+    assert (predictor_pool(config, cluster_cpus=0).initial, predictor_pool(config, cluster_cpus=0).max_size) == (1, None)
+    pool = predictor_pool(dataclasses.replace(config, num_workers=1), cluster_cpus=8)
+    assert (pool.initial, pool.max_size, pool.predictor_args["cpu_threads"], pool.resources["num_cpus"]) == (1, 1, 8, 0.5)
+    pool = predictor_pool(dataclasses.replace(config, num_workers=4), cluster_cpus=2)
+    assert pool.initial == 2 and pool.max_size * pool.resources["num_cpus"] <= 1.0  # decode tasks keep half the CPUs
+    pool = predictor_pool(dataclasses.replace(config, use_gpu=True), cluster_cpus=8, cluster_gpus=2)
+    assert (pool.initial, pool.max_size, pool.predictor_args["device"], pool.resources["num_gpus"]) == (2, None, "cuda", 1)
+    pool = predictor_pool(dataclasses.replace(config, use_gpu=True, num_workers=3), cluster_cpus=8, cluster_gpus=0)
+    assert (pool.initial, pool.max_size) == (1, 3)  # GPUs the autoscaler has yet to add
+    # Another job holds most of the cluster: start small, grow when it lets go.
+    assert predictor_pool(config, cluster_cpus=6, free_cpus=1.25).initial == 1
+    assert predictor_pool(config, cluster_cpus=6, free_cpus=3.0).initial == 4
+    assert predictor_pool(dataclasses.replace(config, use_gpu=True), cluster_cpus=8, cluster_gpus=4, free_gpus=1).initial == 1
 
 
 def test_read_and_decode_tasks_do_not_import_torch():
@@ -303,7 +356,7 @@ def test_decoding_in_the_predictor_matches_the_cpu_tasks(model_dir):
     batch = {"episode": np.array(["E"] * n, dtype=object), "task": np.zeros(n, np.int64), "task_end": np.zeros(n, np.int64),
              "source": np.array([f"s{i}" for i in range(n)], dtype=object), "frame": np.arange(n),
              "data": np.array(frames, dtype=object), "error": np.array([""] * n, dtype=object),
-             "timestamp": np.full(n, np.nan), "encoding": np.array([""] * n, dtype=object)}
+             "timestamp": np.full(n, np.nan), "fingerprint": np.array([""] * n, dtype=object), "encoding": np.array([""] * n, dtype=object)}
     config = PreprocessConfig(image_size=IMAGE_SIZE)
     routed = route_frames(batch, config)
     assert list(routed["encoding"][:24]) == [JPEG] * 24 and list(routed["encoding"][24:28]) == [PIXELS] * 4
@@ -369,8 +422,12 @@ def test_s3_frames_model_and_output(ray_session, model_dir, s3_server, s3_bucket
     frames_uri = upload_tree(client, s3_bucket, frames_dir, "dumps/season1")
     model_uri = upload_tree(client, s3_bucket, model_dir, "models/m1")
     output = f"s3://{s3_bucket}/labels"
+    # A run killed while it uploaded a large labels file: its multipart upload is still open (and billed).
+    upload = client.create_multipart_upload(Bucket=s3_bucket, Key="labels/_tmp/20260101T000000Z-dead00/episode=S01E01.parquet")
+    client.upload_part(Bucket=s3_bucket, Key=upload["Key"], UploadId=upload["UploadId"], PartNumber=1, Body=b"PAR1" * 1000)
     summary = label(LabelConfig(model_uri=model_uri, frames_uri=frames_uri, output_uri=output, top_k=2))
     assert summary["frames_labelled"] == 18 and summary["errors"] == 0
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
     table = schema.labels_dataset(output).to_table()
     assert table.schema == schema.LABELS_SCHEMA
@@ -519,26 +576,32 @@ def test_user_errors_before_any_work(model_dir, local_run, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the point is a cluster without GPUs")
-def test_gpu_flag_without_gpus_fails_before_any_work(ray_session, model_dir, local_run, tmp_path):
+def test_gpu_flag_waits_for_gpus_then_fails_in_one_sentence_before_any_work(ray_session, model_dir, local_run, tmp_path, caplog):
+    """A joined cluster may autoscale: --gpu asks for a GPU and waits --wait-for-gpus seconds, then fails, having written nothing."""
     out = str(tmp_path / "out")
-    with pytest.raises(UserError, match="no GPU"):
-        label(LabelConfig(model_uri=model_dir, frames_uri=local_run["frames"], output_uri=out, use_gpu=True))
+    started = time.monotonic()
+    with caplog.at_level("INFO", logger="simpsons_ray.labeling"), pytest.raises(UserError) as failure:
+        label(LabelConfig(model_uri=model_dir, frames_uri=local_run["frames"], output_uri=out, use_gpu=True, wait_for_gpus=2))
+    assert time.monotonic() - started >= 2
+    message = str(failure.value)
+    assert "no GPU joined the Ray cluster within 2 s (--wait-for-gpus)" in message and "\n" not in message
+    assert "waiting up to 2 s" in caplog.text
     assert not any(name.startswith("episode=") for name in os.listdir(out))
 
 
-def test_gpu_flag_waits_for_an_autoscaler_that_can_add_gpus(ray_session, tmp_path, monkeypatch, caplog):
-    """On a `ray up` cluster (its head holds the autoscaler's config) GPU nodes start at 0 and come on demand."""
-    from simpsons_ray.pipeline import AUTOSCALER_CONFIG, check_resources
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the point is a cluster without GPUs")
+def test_gpu_flag_on_a_local_ray_started_by_the_job_fails_at_once(ray_session):
+    """A local Ray cannot grow: no waiting there, and none with --wait-for-gpus 0."""
+    from simpsons_ray.pipeline import check_resources
 
     config = LabelConfig(model_uri="m", frames_uri="f", output_uri="o", use_gpu=True)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="no GPU"):
-            check_resources(config)
-    (tmp_path / os.path.basename(AUTOSCALER_CONFIG)).write_text("cluster_name: simpsons-ray\n")
-    with caplog.at_level("WARNING", logger="simpsons_ray.labeling"):
-        check_resources(config)  # no error: the autoscaler may still add GPU nodes
-    assert torch.cuda.is_available() or "autoscaler adds GPU nodes" in caplog.text
+    started = time.monotonic()
+    with pytest.raises(UserError, match="the Ray cluster has no GPU"):
+        check_resources(config, can_autoscale=False)
+    with pytest.raises(UserError, match="the Ray cluster has no GPU"):
+        check_resources(dataclasses.replace(config, wait_for_gpus=0), can_autoscale=True)
+    assert time.monotonic() - started < 1
+    check_resources(dataclasses.replace(config, use_gpu=False), can_autoscale=False)  # CPU runs need nothing
 
 
 def test_cli_prints_one_sentence_and_exits_2(model_dir, tmp_path):
