@@ -13,6 +13,11 @@ class UserError(Exception):
 
 def find_user_error(exc: BaseException) -> UserError | None:
     """Dig a UserError out of the wrappers Ray puts around remote exceptions."""
+    return find_cause(exc, UserError)
+
+
+def find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc`` and what it wraps (Ray's task, Data and Train errors included)."""
     seen = set()
     stack = [exc]
     while stack:
@@ -20,7 +25,7 @@ def find_user_error(exc: BaseException) -> UserError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, UserError):
+        if isinstance(current, kind) and not _is_ray_wrapper(current):
             return current
         # RayTaskError keeps the original as .cause; Ray Train's errors keep a
         # dict of worker exceptions; plain chaining uses __cause__/__context__.
@@ -33,3 +38,23 @@ def find_user_error(exc: BaseException) -> UserError | None:
             elif isinstance(group, (list, tuple)):
                 stack.extend(group)
     return None
+
+
+def _is_ray_wrapper(exc: BaseException) -> bool:
+    """A RayTaskError also subclasses its cause's type; the cause itself is what to report."""
+    return type(exc).__module__.startswith("ray.")
+
+
+class StorageError(UserError):
+    """Storage that stayed unreachable after the retries: the run stops rather than go on with part of its data."""
+
+
+def storage_failure(uri: str, exc: BaseException) -> StorageError:
+    """One sentence for a read that failed for storage reasons (not bad bytes), after the S3 client's retries."""
+    cause = find_cause(exc, OSError) or exc  # under Ray's wrappers, the read's own error
+    text = str(cause).strip().splitlines()
+    reason = text[0].rstrip(".") if text else type(cause).__name__
+    return StorageError(
+        f"Could not read {uri} from storage, even after retries ({reason}): stopped rather than go on without "
+        "those images; rerun once the storage answers."
+    )

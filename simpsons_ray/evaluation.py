@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from simpsons_ray import datasets, metrics, scoring, storage
-from simpsons_ray.errors import UserError
+from simpsons_ray.errors import UserError, storage_failure
 from simpsons_ray.model import load_artifact, read_artifact_config
 from simpsons_ray.preprocess import ImageDecodeError, load_resized
 from simpsons_ray.training import predict_logits
@@ -26,9 +26,14 @@ class EvaluateConfig:
 
 
 def _decode(uri: str, image_size: int) -> np.ndarray | None:
+    """The image, or None when its bytes do not decode; storage that fails (after the S3 client's retries) stops the run."""
     try:
-        return load_resized(storage.read_bytes(uri), image_size)
-    except (ImageDecodeError, OSError):
+        data = storage.read_bytes(uri)
+    except OSError as exc:
+        raise storage_failure(uri, exc) from None
+    try:
+        return load_resized(data, image_size)
+    except ImageDecodeError:
         return None
 
 

@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from simpsons_ray import calibration, datasets, metrics, scoring, storage, training_data
-from simpsons_ray.errors import UserError
+from simpsons_ray import calibration, cluster, datasets, metrics, scoring, storage, training_data
+from simpsons_ray.errors import UserError, storage_failure
 from simpsons_ray.model import (
     build_model,
     freeze_frozen_batchnorm,
@@ -351,18 +351,35 @@ class TrainState:
 
 
 def newest_stored_state(output_uri: str) -> TrainState | None:
-    """The newest readable checkpoint under OUTPUT/_train/, or None.
+    """The newest readable checkpoint under OUTPUT/_train/; None only when there is none.
 
     Ray Train registers a reported checkpoint only at its next poll of the
     workers (every 2 s), so a worker that dies right after reporting can restart
     with get_checkpoint() None although the checkpoint is already in storage.
+
+    A checkpoint cut short by the failure (its state file missing or truncated)
+    is passed over for the one before. Storage that cannot be read is not "no
+    checkpoint": it raises, and the run fails instead of starting over from
+    nothing (a rerun resumes once the storage answers).
     """
     root = storage.join(output_uri, CHECKPOINT_RUN_NAME)
-    names = sorted((n for n, is_dir in storage.list_dir(root) if is_dir and n.startswith("checkpoint_")), reverse=True)
+    try:
+        names = sorted((n for n, is_dir in storage.list_dir(root) if is_dir and n.startswith("checkpoint_")), reverse=True)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise storage_failure(f"the checkpoints under {root}", exc) from None
     for name in names:  # names carry their timestamp, so newest sorts first
+        uri = storage.join(root, name, STATE_FILE)
         try:
-            return TrainState.from_bytes(storage.read_bytes(storage.join(root, name, STATE_FILE)))
-        except Exception:  # an upload cut short by the failure: try the one before
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:  # the upload of this checkpoint never finished
+            continue
+        except OSError as exc:
+            raise storage_failure(uri, exc) from None
+        try:
+            return TrainState.from_bytes(data)
+        except Exception:  # truncated or corrupt bytes: try the one before
             continue
     return None
 
@@ -656,13 +673,19 @@ def _recorded_config(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cpus_per_worker(config: TrainConfig) -> float:
-    """Leave at least one CPU for Ray Data, or the input pipeline can never run."""
-    import ray
+    """CPUs per training worker, from the nodes the workers will run on (those there are, or that the autoscaler may add).
 
+    At most a node's CPUs less one, and at most the cluster's CPUs less one shared
+    out, so that Ray Data's input pipeline always has a CPU. An autoscaling
+    cluster is sized from its node types, not from the nodes it has at start-up
+    (cluster.yaml starts with none).
+    """
     if config.use_gpu:
         return 1.0
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.25, min(1.0, (cpus - 1) / config.num_workers))
+    node, total = cluster.node_cpus(), cluster.max_cpus()
+    if node <= 0:  # no CPU anywhere, nor any the autoscaler could add: Ray Train will say so
+        return 1.0
+    return max(0.25, min(node - 1, (total - 1) / config.num_workers))
 
 
 def _split(config: TrainConfig) -> tuple[datasets.Split, dict[str, int]]:
@@ -692,8 +715,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     _check_resume(config)  # before Ray starts: a refused resume should not wait for a cluster
     if not ray.is_initialized():
         ray.init()
-    train_ds, skipped_train = training_data.drop_unreadable(training_data.decoded_dataset(split.train, config.image_size, config.seed), "training")
-    val_ds, skipped_val = training_data.drop_unreadable(training_data.decoded_dataset(split.val, config.image_size, config.seed), "validation")
+    train_ds, skipped_train = training_data.decode_or_stop(split.train, config.image_size, config.seed, "training", config.data_uri)
+    val_ds, skipped_val = training_data.decode_or_stop(split.val, config.image_size, config.seed, "validation", config.data_uri)
     train_images = train_ds.count()
     if train_images == 0:
         raise UserError(f"None of the training images under {config.data_uri} could be decoded.")
@@ -728,7 +751,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             state = TrainState.from_bytes(f.read())
     # Decoded only now, once the model is final.
     test_ds, skipped_test = (
-        training_data.drop_unreadable(training_data.decoded_dataset(split.test, config.image_size, config.seed), "test") if len(split.test) else (None, [])
+        training_data.decode_or_stop(split.test, config.image_size, config.seed, "test", config.data_uri) if len(split.test) else (None, [])
     )
     return _write_artifact(config, split.classes, state, val_ds, test_ds, skipped_train + skipped_val + skipped_test, dropped, wall)
 

@@ -1,12 +1,15 @@
 """Training's inputs on Ray Data: images decoded once into uint8 blocks, augmented per batch on the workers.
 
-Bad files are flagged while decoding and listed, never fatal: one unreadable image
-does not stop a run.
+Bad files are flagged while decoding and listed, never fatal: one image that does
+not decode does not stop a run. Storage that fails is another matter: a read that
+still fails after the S3 client's retries is tried twice more, then the run stops
+with one sentence (it never trains on less).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -15,20 +18,50 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from simpsons_ray import storage
+from simpsons_ray.errors import StorageError
 from simpsons_ray.preprocess import AugmentConfig, ImageDecodeError, TrainAugment, load_resized
 
 
+# A read that still fails after the S3 client's own retries (~20 s) is tried again
+# after these pauses; then the image is marked a storage failure and the run stops.
+READ_RETRY_PAUSES_S = (1.0, 4.0)
+
+
 def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Read and decode one batch of image URIs; bad files are flagged, never fatal."""
+    """Read and decode one batch of image URIs.
+
+    Bytes that do not decode are flagged in ``error`` (skipped by training); a read
+    the storage keeps refusing is flagged in ``storage_error``, and stops the run
+    (``decode_or_stop``): never train on less because storage was away.
+    """
     images = np.zeros((len(batch["uri"]), image_size, image_size, 3), dtype=np.uint8)
-    errors = []
+    errors, storage_errors = [], []
     for i, uri in enumerate(batch["uri"]):
-        try:
-            images[i] = load_resized(storage.read_bytes(str(uri)), image_size)
+        data, why = _read(str(uri))
+        storage_errors.append(why)
+        if why:
             errors.append("")
-        except (ImageDecodeError, OSError) as exc:
+            continue
+        try:
+            images[i] = load_resized(data, image_size)
+            errors.append("")
+        except ImageDecodeError as exc:
             errors.append(str(exc) or type(exc).__name__)
-    return {"image": images, "label": batch["label_index"].astype(np.int64), "uri": batch["uri"], "error": np.array(errors, dtype=object)}
+    return {"image": images, "label": batch["label_index"].astype(np.int64), "uri": batch["uri"],
+            "error": np.array(errors, dtype=object), "storage_error": np.array(storage_errors, dtype=object)}
+
+
+def _read(uri: str) -> tuple[bytes, str]:
+    """(bytes, "") or (b"", why the storage would not give them, after the retries)."""
+    for pause in (*READ_RETRY_PAUSES_S, None):
+        try:
+            return storage.read_bytes(uri), ""
+        except OSError as exc:
+            if pause is None:
+                text = str(exc).strip().splitlines()
+                return b"", text[0] if text else type(exc).__name__
+            time.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 class AugmentingCollate(NumpyBatchCollateFn):
@@ -61,6 +94,22 @@ def decoded_dataset(table: pd.DataFrame, image_size: int, seed: int):
         .map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=64)
         .materialize()  # decode once; every epoch re-reads these uint8 blocks
     )
+
+
+def decode_or_stop(table: pd.DataFrame, image_size: int, seed: int, what: str, data_uri: str) -> tuple[Any, list[dict[str, str]]]:
+    """Decode a split's images once and drop those that do not decode; storage that kept failing stops the run."""
+    from ray.data.expressions import col
+
+    decoded = decoded_dataset(table, image_size, seed)
+    failed = decoded.filter(expr=col("storage_error") != "").select_columns(["uri", "storage_error"]).take_all()
+    if failed:
+        first = failed[0]
+        raise StorageError(
+            f"Could not read {len(failed)} of the {what} images under {data_uri} from storage, even after retries "
+            f"(e.g. {first['uri']}: {str(first['storage_error']).rstrip('.')}): stopped rather than train on less; "
+            "rerun once the storage answers."
+        )
+    return drop_unreadable(decoded, what)
 
 
 def drop_unreadable(decoded, what: str) -> tuple[Any, list[dict[str, str]]]:

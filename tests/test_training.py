@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagegen import class_image, encode, upload_tree, write_class_folders, write_flat_test_folder
+from imagegen import class_image, encode, free_port, upload_tree, write_class_folders, write_flat_test_folder
 from simpsons_ray import cli, datasets, metrics
 from simpsons_ray.errors import UserError
 from simpsons_ray.model import (
@@ -409,7 +409,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
 
     torch.save(models.resnet18(weights=None).state_dict(), weights)
     args = [sys.executable, os.path.join(REPO, "jobs", "train.py"), *_train_args(data, out)[1:],
-            "--weights", str(weights), "--frozen-epochs", "8", "--finetune-epochs", "1", "--patience", "9",
+            "--weights", str(weights), "--frozen-epochs", "4", "--finetune-epochs", "1", "--patience", "5",
             "--ema-decay", "0.9", "--batch-size", "4"]  # 3 steps an epoch per worker: the average moves off the weights
     env = {**os.environ, "RAY_ADDRESS": "local"}
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -425,7 +425,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert not (out / "metrics.json").exists()
     # The checkpoint holds the weight average mid-phase, not only the weights, so the rerun continues it.
     stored = newest_stored_state(str(out))
-    assert 1 <= stored.epoch_in_phase < 8 and stored.ema is not None and int(stored.ema["n_averaged"]) > 0
+    assert 1 <= stored.epoch_in_phase < 4 and stored.ema is not None and int(stored.ema["n_averaged"]) > 0
     assert not torch.equal(stored.ema["module.fc.1.weight"], stored.model["fc.1.weight"])
     # Another recipe into the same output is refused; the same one resumes.
     refused = subprocess.run(args + ["--recipe", "notebook"], env=env, capture_output=True, text=True, timeout=300)
@@ -439,8 +439,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert "resuming the run" in second.stdout
     summary = json.loads((out / "metrics.json").read_text())
     history = summary["history"]
-    assert [row["epoch"] for row in history] == list(range(1, 10))
-    assert [row["phase"] for row in history] == ["frozen"] * 8 + ["finetune"]
+    assert [row["epoch"] for row in history] == list(range(1, 6))
+    assert [row["phase"] for row in history] == ["frozen"] * 4 + ["finetune"]
 
 
 def test_train_reads_and_writes_s3(tmp_path, ray_session, s3_server, s3_bucket, capsys):
@@ -513,3 +513,55 @@ def test_newest_stored_checkpoint_is_found_when_ray_has_not_registered_it(tmp_pa
     cut.mkdir()
     (cut / "state.pt").write_bytes(b"half an upload")
     assert newest_stored_state(str(tmp_path)).epoch == 2
+
+
+def test_checkpoint_lookup_tells_none_from_unreadable(tmp_path):
+    """A missing or cut-short state file is passed over; storage that cannot be read fails instead of restarting from nothing."""
+    from simpsons_ray.errors import StorageError
+    from simpsons_ray.training import TrainState, newest_stored_state
+
+    old = tmp_path / "_train" / "checkpoint_2026-01-01_10-00-00.000001"
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(TrainState(epoch=1, history=[]).to_bytes())
+    (tmp_path / "_train" / "checkpoint_2026-01-01_10-00-05.000001").mkdir()  # its upload never began
+    assert newest_stored_state(str(tmp_path)).epoch == 1
+    unreadable = tmp_path / "_train" / "checkpoint_2026-01-01_10-00-09.000001" / "state.pt"
+    unreadable.mkdir(parents=True)  # a read that fails for the storage's reasons, not the bytes'
+    with pytest.raises(StorageError, match="Could not read .*state.pt from storage"):
+        newest_stored_state(str(tmp_path))
+
+
+def test_a_storage_failure_while_decoding_stops_training_instead_of_skipping_images(ray_session, tmp_path):
+    """Only bytes that do not decode are skipped; a read the storage refuses fails the run (after Ray Data's retries)."""
+    import pandas as pd
+
+    from simpsons_ray import training_data
+    from simpsons_ray.errors import StorageError
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    good.write_bytes(encode(class_image(0, np.random.default_rng(0), 32), "PNG"))
+    bad.write_bytes(b"not an image")
+    table = pd.DataFrame({"uri": [str(good), str(bad)], "label_index": [0, 1]})
+    kept, skipped = training_data.decode_or_stop(table, 32, 0, "training", str(tmp_path))
+    assert kept.count() == 1 and [s["uri"] for s in skipped] == [str(bad)]
+
+    unreachable = tmp_path / "unreachable.png"
+    unreachable.mkdir()  # reading it fails in the storage layer, as an outage does
+    table = pd.DataFrame({"uri": [str(good), str(unreachable)], "label_index": [0, 1]})
+    with pytest.raises(StorageError, match="Could not read 1 of the training images under .* from storage, even after retries"):
+        training_data.decode_or_stop(table, 32, 0, "training", str(tmp_path))
+
+
+def test_decoding_flags_a_storage_failure_on_an_s3_endpoint_that_is_down(monkeypatch):
+    """The same through pyarrow's S3 client, against an endpoint nobody answers: a storage failure, never an 'unreadable image'."""
+    from simpsons_ray import storage, training_data
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
+    storage._s3.cache_clear()
+    try:
+        batch = {"uri": np.array(["s3://some-bucket/homer/1.png"], dtype=object), "label_index": np.array([0])}
+        decoded = training_data.decode_batch(batch, 32)
+        assert decoded["error"][0] == "" and decoded["storage_error"][0]  # a storage failure, not a bad image
+    finally:
+        storage._s3.cache_clear()
