@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from simpsons_ray import frames as frames_lib
-from simpsons_ray import storage, video
+from simpsons_ray import video
 from simpsons_ray.frames import JPEG, PIXELS
 from simpsons_ray.preprocess import ImageDecodeError, PreprocessConfig, is_plain_jpeg, load_resized, normalize_array
 

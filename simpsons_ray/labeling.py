@@ -40,7 +40,16 @@ from simpsons_ray.errors import UserError
 from simpsons_ray.layout import OutputLayout
 from simpsons_ray.leases import LeaseKeeper
 from simpsons_ray.model import read_artifact_config
-from simpsons_ray.pipeline import DECODE_CHOICES, WAIT_FOR_GPUS_S, Progress, check_resources, ensure_ray, run_pipeline
+from simpsons_ray.pipeline import (
+    DECODE_CHOICES,
+    STARTED,
+    WAIT_FOR_GPUS_S,
+    Progress,
+    check_resources,
+    ensure_ray,
+    pool_can_grow,
+    run_pipeline,
+)
 from simpsons_ray.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -105,9 +114,12 @@ def label(config: LabelConfig) -> dict[str, Any]:
         )
         if elsewhere:
             logger.info("label: skipped, being labelled by another job: %s", _preview([f"{e} ({job})" for e, job in sorted(elsewhere.items())]))
+        grow = False
         if todo:
             _check_weights(config.model_uri, model_config, settings.model_id)
-            check_resources(config, can_autoscale=ensure_ray())
+            connection = ensure_ray()
+            check_resources(config, can_autoscale=connection != STARTED)
+            grow = pool_can_grow(connection)
         # What killed or failed runs left: their temporary files and open S3 uploads,
         # and the rows or errors of episodes they never marked done (only episodes
         # this job holds: a live job's files are its own). Removed before any new row.
@@ -122,7 +134,7 @@ def label(config: LabelConfig) -> dict[str, Any]:
         empty: list[str] = []
         if todo:
             try:
-                empty = run_pipeline(config, layout, run_id, todo, classes, preprocess, settings, progress, leases)
+                empty = run_pipeline(config, layout, run_id, todo, classes, preprocess, settings, progress, leases, grow)
             finally:
                 storage.abort_uploads(layout.tmp_run_dir(run_id))
                 storage.delete(layout.tmp_run_dir(run_id))

@@ -347,3 +347,93 @@ class S3Proxy:
         with self._lock:
             for sock in self._open:
                 self._reset(sock)
+
+
+# ---------------------------------------------------------------- autoscaling cluster
+@dataclass
+class FakeAutoscalingCluster:
+    """Ray's fake multi-node autoscaler on loopback: a head that takes no work, worker nodes added on demand.
+
+    The same provider ``ray.cluster_utils.AutoscalingCluster`` starts, but started
+    like LocalCluster's nodes (own temp dir and ports, stopped by the processes it
+    owns): AutoscalingCluster runs ``ray stop --force``, which would take down
+    every other Ray on the machine, the test session's included, and its config
+    template is not shipped in Ray's wheel. The autoscaler starts each worker node
+    as a set of local processes below its monitor process.
+    """
+
+    worker_cpus: int = 2
+    max_workers: int = 2
+    object_store_bytes: int = 150 * 1024 * 1024
+    gcs_port: int = field(default_factory=free_port)
+    temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="ra", dir="/tmp"))
+    token: str = field(default_factory=lambda: secrets.token_hex(32))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def config(self) -> dict:
+        return {
+            "cluster_name": "fake-autoscaling",
+            "max_workers": self.max_workers,
+            "provider": {
+                "type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                "disable_launch_config_check": True, "gcs_address": self.address,
+            },
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                "cpu_worker": {
+                    "resources": {"CPU": self.worker_cpus, "object_store_memory": self.object_store_bytes},
+                    "node_config": {}, "min_workers": 0, "max_workers": self.max_workers,
+                },
+            },
+            "head_node_type": "ray.head.default",
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": 5,
+            "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "rsync_exclude": [], "rsync_filter": [],
+            "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+            "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts_sync_continuously": False,
+        }  # fmt: skip
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_ADDRESS": self.address}
+
+    def start(self) -> "FakeAutoscalingCluster":
+        config_path = os.path.join(self.temp_dir, "autoscaling.json")
+        with open(config_path, "w") as f:
+            json.dump(self.config(), f)
+        cmd = [
+            "ray", "start", "--head", f"--temp-dir={self.temp_dir}", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
+            f"--autoscaling-config={config_path}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false",
+            f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}", f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+        ]  # fmt: skip
+        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+        if done.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"`ray start` failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return self
+
+    def pids(self) -> list[int]:
+        return process_tree(processes_mentioning(self.temp_dir + "/"))
+
+    def worker_nodes(self) -> int:
+        """Worker nodes the autoscaler has started (a raylet each, below the head's monitor)."""
+        return sum(1 for p in self.pids() if "raylet" in _cmdline(p).split(" ", 1)[0]) - 1
+
+    def actors(self, title: str) -> int:
+        return sum(1 for p in self.pids() if title in _cmdline(p))
+
+    def stop(self) -> None:
+        pids = self.pids()
+        _signal_all(pids, signal.SIGTERM)
+        deadline = time.monotonic() + 5  # nothing here needs a graceful end
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _signal_all(self.pids() + pids, signal.SIGKILL)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -14,6 +14,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -21,9 +23,11 @@ import numpy as np
 import pytest
 import yaml
 
-from cluster_fixtures import REPO, LocalCluster, S3Proxy
+from cluster_fixtures import REPO, FakeAutoscalingCluster, LocalCluster, S3Proxy
 from imagegen import class_image, encode, upload_tree, write_class_folders, write_tar
-from simpsons_ray import query, schema, storage
+from simpsons_ray import cluster as cluster_lib
+from simpsons_ray import cli, query, schema, storage
+from simpsons_ray.model import load_artifact
 
 CLUSTER_YAML = os.path.join(REPO, "cluster.yaml")
 CLASSES = ["bart", "homer", "lisa"]
@@ -136,6 +140,7 @@ def s3_data(s3_server, tmp_path_factory):
     client = s3_server.client()
     root = tmp_path_factory.mktemp("cluster-data")
     write_class_folders(str(root / "train"), CLASSES, per_class=20, size=40)
+    (root / "train" / CLASSES[0] / "notes.txt").write_text("not an image: ignored by the listing")
     counts = make_frames(str(root / "frames"), episodes=4, per_episode=24)
     return {
         "bucket": bucket,
@@ -174,7 +179,7 @@ def trained(cluster, s3_data):
 
 
 @pytest.mark.slow
-def test_train_then_label_jobs_on_two_nodes(cluster, s3_data, trained):
+def test_train_then_label_jobs_on_two_nodes(cluster, s3_data, trained, capsys):
     assert trained["status"] == "SUCCEEDED", trained["logs"][-5000:]
     model = trained["model"]
     for name in ("model.pt", "config.json", "classes.json", "metrics.json", "confusion_matrix.png", "curves.png"):
@@ -182,6 +187,13 @@ def test_train_then_label_jobs_on_two_nodes(cluster, s3_data, trained):
     metrics = storage.read_json(storage.join(model, "metrics.json"))
     assert metrics["epochs_run"] == TRAIN_EPOCHS
     assert metrics["validation"]["accuracy"] >= 0.8, metrics["history"]
+    assert any(e.relpath.startswith("checkpoint_") for e in storage.list_files(storage.join(model, "_train")))
+    artifact = load_artifact(model)
+    assert artifact.classes == CLASSES and artifact.model_id.startswith("resnet18-")
+    # evaluate reads the model and a labelled set straight from S3 too (notes.txt is not an image: not listed).
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", model, "--data", s3_data["train"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_images"] == 20 * len(CLASSES)
 
     labels = f"s3://{s3_data['bucket']}/labels"
     job = cluster.submit(
@@ -217,30 +229,40 @@ def test_bad_input_ends_failed_with_one_sentence_in_the_logs(cluster, s3_data, t
 
 
 @pytest.mark.slow
-def test_labeling_survives_losing_a_worker_node(cluster, s3_server, s3_data, trained, tmp_path):
-    """A node dies with an episode in flight; the job finishes with every frame exactly once."""
-    counts = make_frames(str(tmp_path / "frames"), episodes=8, per_episode=250, seed=3)
+def test_two_jobs_on_one_output_survive_losing_a_worker_node(cluster, s3_server, s3_data, trained, tmp_path):
+    """Two jobs on overlapping episodes share one output; a node dies with episodes in flight.
+
+    The second job is submitted while the first writes. Every frame ends up exactly
+    once, each episode labelled by the one job that held its lease.
+    """
+    counts = make_frames(str(tmp_path / "frames"), episodes=8, per_episode=200, seed=3)
     frames = upload_tree(s3_server.client(), s3_data["bucket"], str(tmp_path / "frames"), "frames-node-loss")
     labels = f"s3://{s3_data['bucket']}/labels-node-loss"
+    ids = sorted(counts)
     spare = cluster.add_worker()  # the worker node that survives
     victim = next(n for n in cluster.alive_workers() if n is not spare)
-    job = cluster.submit(
-        "jobs/label.py", "--model", trained["model"], "--frames", frames, "--output", labels,
-        "--num-workers", "2", "--batch-size", "8",
-        job_id=f"nodeloss-{uuid.uuid4().hex[:6]}",
-    )  # fmt: skip
-    cluster.wait_for_log(job, "committed", timeout=300)
-    # Kill the node while it holds part of the job (a read, decode or predictor worker).
+    common = ["--model", trained["model"], "--frames", frames, "--output", labels, "--num-workers", "2", "--batch-size", "8"]
+    first = cluster.submit("jobs/label.py", *common, "--episodes", ",".join(ids[:6]), job_id=f"nodeloss-{uuid.uuid4().hex[:6]}")
+    cluster.wait_for_log(first, "to do", timeout=300)  # its leases are taken
+    second = cluster.submit("jobs/label.py", *common, "--episodes", ",".join(ids[2:]), job_id=f"second-{uuid.uuid4().hex[:6]}")
+    cluster.wait_for_log(first, "committed", timeout=300)
+    # Kill the node while it holds part of the jobs (a read, decode or predictor worker).
     deadline = time.monotonic() + 60
-    while not victim.busy_workers() and time.monotonic() < deadline and cluster.status(job) == "RUNNING":
+    while not victim.busy_workers() and time.monotonic() < deadline and cluster.status(first) == "RUNNING":
         time.sleep(0.2)
     busy = victim.busy_workers()
-    assert busy, "the worker node never ran part of the labeling job"
+    assert busy, "the worker node never ran part of the labeling jobs"
     cluster.kill_node(victim)
-    assert cluster.wait(job, timeout=400) == "SUCCEEDED", cluster.logs(job)[-5000:]
+    for job in (first, second):
+        assert cluster.wait(job, timeout=400) == "SUCCEEDED", cluster.logs(job)[-5000:]
     assert_one_row_per_frame(labels, counts)
-    runs = storage.list_files(storage.join(labels, schema.RUNS_DIR))
-    assert len(runs) == 1 and storage.read_json(runs[0].uri)["frames_labelled"] == sum(counts.values())
+    summaries = [storage.read_json(e.uri) for e in storage.list_files(storage.join(labels, schema.RUNS_DIR))]
+    assert len(summaries) == 2 and sum(s["frames_labelled"] for s in summaries) == sum(counts.values())
+    assert sum(s["episodes_labelled"] for s in summaries) == len(ids)  # each episode by one job
+    second_summary = next(s for s in summaries if s["config"]["episodes"] == ids[2:])
+    # The overlap was held by the first job, or already committed by it, when the second looked.
+    assert second_summary["episodes_skipped"] + len(second_summary["episodes_held_elsewhere"]) == 4, second_summary
+    assert not storage.list_files(storage.join(labels, "_leases")) and not storage.list_files(storage.join(labels, "_tmp"))
 
 
 @pytest.mark.slow
@@ -277,3 +299,59 @@ def test_labeling_rides_out_an_s3_outage(cluster, s3_server, s3_data, trained, t
     finally:
         proxy.close()
     assert_one_row_per_frame(labels, counts)
+
+
+# ------------------------------------------------------------------------- autoscaling
+def test_node_types_come_from_the_cluster_launchers_config(ray_session, tmp_path, monkeypatch):
+    """On a `ray up` head the autoscaler's node types are in its bootstrap config; cluster.yaml leaves resources to the cloud."""
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(yaml.safe_dump({
+        "head_node_type": "head", "max_workers": 6,
+        "available_node_types": {
+            "head": {"resources": {"CPU": 0}, "node_config": {}},
+            "cpu": {"resources": {"CPU": 8}, "max_workers": 4, "node_config": {}},
+            "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2, "node_config": {}},
+        },
+    }))  # fmt: skip
+    monkeypatch.setattr(cluster_lib, "LAUNCHER_CONFIG", str(bootstrap))
+    types = cluster_lib.node_types()
+    assert {t.name: t.max_count for t in types} == {"head": 1, "cpu": 4, "gpu": 2}
+    assert cluster_lib.can_add("GPU", types) and cluster_lib.max_cpus() == 8 * 4 + 8 * 2 and cluster_lib.node_cpus() == 8
+    no_gpu = [t for t in types if t.name != "gpu"]
+    assert not cluster_lib.can_add("GPU", no_gpu)
+    # cluster.yaml names instance types; their resources are filled in when the cluster starts: GPUs may come.
+    assert cluster_lib.can_add("GPU", cluster_lib._launcher_node_types(CLUSTER_YAML))
+    monkeypatch.setattr(cluster_lib, "LAUNCHER_CONFIG", str(tmp_path / "missing.yaml"))
+    assert cluster_lib.node_types() is None  # the test session's local Ray: no autoscaler
+
+
+@pytest.mark.slow
+def test_labeling_scales_out_on_an_autoscaling_cluster_that_starts_with_no_workers(shapes_model, tmp_path):
+    """Ray's fake autoscaler adds worker nodes for the job's tasks; the predictor pool grows past one actor onto them."""
+    counts = make_frames(str(tmp_path / "frames"), episodes=6, per_episode=600, seed=9)
+    output = str(tmp_path / "labels")
+    autoscaling = FakeAutoscalingCluster(worker_cpus=2, max_workers=2)
+    log = tmp_path / "job.log"
+    nodes, actors = [], []
+    try:
+        autoscaling.start()
+        assert autoscaling.worker_nodes() == 0
+        with open(log, "w") as out:
+            job = subprocess.Popen(
+                [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--model", shapes_model, "--frames", str(tmp_path / "frames"),
+                 "--output", output, "--batch-size", "8"],
+                env=autoscaling.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            deadline = time.monotonic() + 400
+            while job.poll() is None and time.monotonic() < deadline:
+                nodes.append(autoscaling.worker_nodes())
+                actors.append(autoscaling.actors("FramePredictor"))
+                time.sleep(0.5)
+            if job.poll() is None:
+                job.kill()
+            assert job.wait() == 0, log.read_text()[-5000:]
+    finally:
+        autoscaling.stop()
+    assert max(nodes) >= 1, "the autoscaler never added a worker node"
+    assert max(actors) >= 2, f"the predictor pool never grew past one actor (actors over time: {actors[::4]})"
+    assert_one_row_per_frame(output, counts)

@@ -254,15 +254,13 @@ def test_episodes_of_a_live_job_are_left_to_it_and_changed_sources_are_reported(
     assert summary["episodes_labelled"] == 1 and summary["episodes_stale"] == ["S01E01", "S01E03"]
     assert {k: v for k, v in label_files(output).items() if "S01E02" not in k} == before  # kept, only reported
 
-    summary = label(LabelConfig(**cfg, episodes=("S01E01", "S01E03"), overwrite=True))
-    assert summary["episodes_labelled"] == 2
-    for eid in ("S01E01", "S01E03"):
-        episode = next(e for e in list_episodes(frames_dir) if e.episode_id == eid)
-        marker = json.load(open(os.path.join(output, "_progress", f"{eid}.json")))
-        assert marker["source_fingerprint"] == frames_lib.fingerprint(episode)
+    # The marker of the episode labelled just now fingerprints its source as it is.
+    episode = next(e for e in list_episodes(frames_dir) if e.episode_id == "S01E02")
+    assert json.load(open(os.path.join(output, "_progress", "S01E02.json")))["source_fingerprint"] == frames_lib.fingerprint(episode)
     df = read_labels(output)
     assert len(df) == 12 and df["source"].is_unique
     assert not os.listdir(os.path.join(output, "_leases")) and not os.listdir(os.path.join(output, "_tmp"))
+    # (--overwrite relabels them, as any episode: test_min_confidence_nulls_labels_and_changed_settings_need_overwrite.)
 
 
 def test_predictor_fast_paths_agree_with_the_plain_model_on_cpu(model_dir):
@@ -310,15 +308,16 @@ def test_predictor_applies_the_artifacts_temperature_and_flip_tta(model_dir, tmp
     assert plain_scores[:, 0].mean() > scores[:, 0].mean()  # T > 1 tempers an overconfident model
 
 
-def test_predictor_pool_is_elastic_from_one_actor():
+def test_predictor_pool_is_elastic_where_the_cluster_can_grow():
     config = LabelConfig(model_uri="m", frames_uri="f", output_uri="o")
     pool = predictor_pool(config, cluster_cpus=2)
     # Starts with one single-threaded actor per CPU there is now, and may grow without limit.
-    assert (pool.min_size, pool.initial, pool.max_size, pool.predictor_args["cpu_threads"], pool.resources["num_cpus"]) == (1, 2, None, 1, 0.5)
+    assert (pool.min_size, pool.initial, pool.max_size, pool.predictor_args["cpu_threads"], pool.resources["num_cpus"]) == (2, 2, None, 1, 0.5)
     strategy = pool.strategy()
-    assert (strategy.min_size, strategy.initial_size, strategy.max_size) == (1, 2, float("inf"))
+    assert (strategy.min_size, strategy.initial_size, strategy.max_size) == (2, 2, float("inf"))
     # A cluster whose workers start at zero (a head with no CPUs): one actor to start, still unbounded.
-    assert (predictor_pool(config, cluster_cpus=0).initial, predictor_pool(config, cluster_cpus=0).max_size) == (1, None)
+    empty = predictor_pool(config, cluster_cpus=0)
+    assert (empty.min_size, empty.initial, empty.max_size) == (1, 1, None)
     pool = predictor_pool(dataclasses.replace(config, num_workers=1), cluster_cpus=8)
     assert (pool.initial, pool.max_size, pool.predictor_args["cpu_threads"], pool.resources["num_cpus"]) == (1, 1, 8, 0.5)
     pool = predictor_pool(dataclasses.replace(config, num_workers=4), cluster_cpus=2)
@@ -327,6 +326,9 @@ def test_predictor_pool_is_elastic_from_one_actor():
     assert (pool.initial, pool.max_size, pool.predictor_args["device"], pool.resources["num_gpus"]) == (2, None, "cuda", 1)
     pool = predictor_pool(dataclasses.replace(config, use_gpu=True, num_workers=3), cluster_cpus=8, cluster_gpus=0)
     assert (pool.initial, pool.max_size) == (1, 3)  # GPUs the autoscaler has yet to add
+    # A local Ray never gains a CPU: the pool stays the size it starts with.
+    fixed = predictor_pool(config, cluster_cpus=2, grow=False)
+    assert (fixed.min_size, fixed.initial, fixed.max_size) == (2, 2, 2) and fixed.strategy().max_size == 2
     # Another job holds most of the cluster: start small, grow when it lets go.
     assert predictor_pool(config, cluster_cpus=6, free_cpus=1.25).initial == 1
     assert predictor_pool(config, cluster_cpus=6, free_cpus=3.0).initial == 4

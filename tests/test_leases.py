@@ -105,3 +105,28 @@ def test_exclusive_create_and_aborting_uploads_on_s3(s3_server):
     assert storage.abort_uploads(f"s3://{bucket}/out/_tmp/run-1") == 1  # run-10 only shares a prefix
     assert [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])] == ["out/_tmp/run-10/episode=E2.parquet"]
     assert storage.abort_uploads("/tmp/not-s3") == 0
+
+
+def test_a_dropped_episode_leaves_no_file_and_no_open_upload(s3_server):
+    """A run that fails mid-episode drops what it wrote: the temporary file, and an upload the close could not finish."""
+    import numpy as np
+
+    from simpsons_ray.commit import EpisodeWriter, LabelSettings
+    from simpsons_ray.frames import FOLDER, Episode
+    from simpsons_ray.layout import OutputLayout
+
+    bucket = s3_server.new_bucket()
+    writer = EpisodeWriter(OutputLayout(f"s3://{bucket}/labels"), "run-1", Episode("E1", "s3://x/E1", FOLDER), ["a", "b"],
+                           LabelSettings("m", 2, 0.0))
+    n = 20_000
+    writer.add({"frame": np.arange(n), "source": np.array([f"s{i}" for i in range(n)], dtype=object),
+                "error": np.array([""] * n, dtype=object), "timestamp": np.full(n, np.nan),
+                "top_indices": np.zeros((n, 2), np.int64), "top_scores": np.full((n, 2), 0.5, np.float32)})
+    writer._flush()  # a row group written: the file is open on S3
+    client = s3_server.client()
+    key = writer.tmp_uri[len(f"s3://{bucket}/"):]
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key)  # as a large file's writer leaves one
+    client.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"PAR1" * 1000)
+    writer.discard()
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert not storage.exists(writer.tmp_uri)
