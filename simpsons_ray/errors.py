@@ -11,6 +11,12 @@ class UserError(Exception):
     """
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line (its first), or its type's name when it has none."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def find_user_error(exc: BaseException) -> UserError | None:
     """Dig a UserError out of the wrappers Ray puts around remote exceptions."""
     return find_cause(exc, UserError)
@@ -52,9 +58,7 @@ class StorageError(UserError):
 def storage_failure(uri: str, exc: BaseException) -> StorageError:
     """One sentence for a read that failed for storage reasons (not bad bytes), after the S3 client's retries."""
     cause = find_cause(exc, OSError) or exc  # under Ray's wrappers, the read's own error
-    text = str(cause).strip().splitlines()
-    reason = text[0].rstrip(".") if text else type(cause).__name__
     return StorageError(
-        f"Could not read {uri} from storage, even after retries ({reason}): stopped rather than go on without "
-        "those images; rerun once the storage answers."
+        f"Could not read {uri} from storage, even after retries ({first_line(cause).rstrip('.')}): stopped rather than "
+        "go on without it; rerun once the storage answers."
     )

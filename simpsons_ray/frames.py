@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from simpsons_ray import storage
-from simpsons_ray.errors import UserError
+from simpsons_ray.errors import UserError, first_line
 from simpsons_ray.preprocess import is_image_name
 from simpsons_ray.video import VIDEO_SUFFIXES
 
@@ -161,7 +161,7 @@ def list_episodes(frames_uri: str, episodes: Sequence[str] = ()) -> list[Episode
         unknown = [e for e in episodes if e not in found]
         if unknown:
             raise UserError(
-                f"--episodes {', '.join(unknown)} not found under {frames_uri} (it has {_preview(sorted(found))}): check the ids."
+                f"--episodes {', '.join(unknown)} not found under {frames_uri} (it has {preview(sorted(found))}): check the ids."
             )
         found = {e: found[e] for e in episodes}
     return [found[e] for e in sorted(found)]
@@ -218,7 +218,7 @@ def _read_entry(entry: storage.Entry) -> RawFrame:
     try:
         return RawFrame(entry.uri, number, storage.read_bytes(entry.uri), "")
     except (FileNotFoundError, PermissionError) as exc:  # vanished since listing, no permission
-        return RawFrame(entry.uri, number, b"", f"cannot read file: {_first_line(exc)}")
+        return RawFrame(entry.uri, number, b"", f"cannot read file: {first_line(exc)}")
     # Any other OSError (storage unreachable after the S3 client's retries) fails the
     # read task: Ray Data retries it, and a job that still fails is resumed by a
     # rerun. Recording it as an error row would make a passing outage permanent.
@@ -280,14 +280,9 @@ def iter_archive_frames(archive_uri: str) -> Iterator[RawFrame]:
             yield RawFrame(source, number, data, "")
     except ARCHIVE_ERRORS as exc:
         where = f"{archive_uri}#{member_name}" if member_name else archive_uri
-        yield RawFrame(where, -1, b"", f"unreadable archive: {_first_line(exc)}")
+        yield RawFrame(where, -1, b"", f"unreadable archive: {first_line(exc)}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _preview(names: list[str], limit: int = 5) -> str:
+def preview(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

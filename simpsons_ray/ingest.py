@@ -10,7 +10,6 @@ predictor sooner; the predictor actors, which need torch anyway, live in
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterator
@@ -19,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from simpsons_ray import frames as frames_lib
-from simpsons_ray import video
+from simpsons_ray import storage, video
 from simpsons_ray.frames import JPEG, PIXELS
 from simpsons_ray.preprocess import ImageDecodeError, PreprocessConfig, is_plain_jpeg, load_resized, normalize_array
 
@@ -134,8 +133,7 @@ def _probe_videos(uris: list[str]) -> dict[str, "video.VideoInfo | str"]:
 
     if not uris:
         return {}
-    with ThreadPoolExecutor(min(PROBE_THREADS, len(uris))) as pool:
-        found = dict(zip(uris, pool.map(probe, uris)))
+    found = dict(zip(uris, storage.in_threads(probe, uris, PROBE_THREADS)))
     logger.info("label: probed %d video(s), %d not readable", len(uris), sum(isinstance(v, str) for v in found.values()))
     return found
 

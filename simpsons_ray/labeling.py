@@ -29,7 +29,6 @@ import datetime as dt
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -113,7 +112,7 @@ def label(config: LabelConfig) -> dict[str, Any]:
             len(episodes), config.frames_uri, len(skipped), settings.model_id, len(elsewhere), len(todo),
         )
         if elsewhere:
-            logger.info("label: skipped, being labelled by another job: %s", _preview([f"{e} ({job})" for e, job in sorted(elsewhere.items())]))
+            logger.info("label: skipped, being labelled by another job: %s", frames_lib.preview([f"{e} ({job})" for e, job in sorted(elsewhere.items())]))
         grow = False
         if todo:
             _check_weights(config.model_uri, model_config, settings.model_id)
@@ -125,7 +124,7 @@ def label(config: LabelConfig) -> dict[str, Any]:
         # this job holds: a live job's files are its own). Removed before any new row.
         dead = layout.remove_dead_runs(leases.live_jobs() | {run_id})
         if dead:
-            logger.info("label: removed the temporary files of %d run(s) that did not finish: %s", len(dead), _preview(dead))
+            logger.info("label: removed the temporary files of %d run(s) that did not finish: %s", len(dead), frames_lib.preview(dead))
         layout.remove_partial_writes({e.episode_id for e in todo})
         for episode in todo:
             layout.remove_episode(episode.episode_id)
@@ -172,7 +171,7 @@ def label(config: LabelConfig) -> dict[str, Any]:
         logger.info("label: no frames in episode(s) %s (see %s)", ", ".join(empty), storage.join(config.output_uri, schema.ERRORS_DIR))
     if stale:
         logger.warning("label: the frames or video of %d labelled episode(s) changed since they were labelled, and their labels "
-                       "were kept: %s; pass --overwrite --episodes %s to relabel them", len(stale), _preview(stale), " ".join(stale[:20]))
+                       "were kept: %s; pass --overwrite --episodes %s to relabel them", len(stale), frames_lib.preview(stale), " ".join(stale[:20]))
     return summary
 
 
@@ -228,7 +227,7 @@ def _split_done(
     """
     if overwrite:
         return list(episodes), [], []
-    markers = dict(zip((e.episode_id for e in episodes), _in_threads(lambda e: _read_marker(layout, e), episodes)))
+    markers = dict(zip((e.episode_id for e in episodes), storage.in_threads(lambda e: _read_marker(layout, e), episodes)))
     todo, done, clashes = [], [], []
     for episode in episodes:
         marker = markers[episode.episode_id]
@@ -247,7 +246,7 @@ def _split_done(
         )
     # Markers written before fingerprints existed have none: nothing to compare.
     fingerprinted = [e for e in done if markers[e.episode_id].get("source_fingerprint")]
-    now = dict(zip((e.episode_id for e in fingerprinted), _in_threads(frames_lib.fingerprint, fingerprinted)))
+    now = dict(zip((e.episode_id for e in fingerprinted), storage.in_threads(frames_lib.fingerprint, fingerprinted)))
     stale = sorted(e.episode_id for e in fingerprinted if now[e.episode_id] != markers[e.episode_id]["source_fingerprint"])
     return todo, done, stale
 
@@ -257,22 +256,6 @@ def _read_marker(layout: OutputLayout, episode: frames_lib.Episode) -> dict[str,
         return storage.read_json(layout.marker(episode.episode_id))
     except FileNotFoundError:
         return None
-
-
-# Markers and fingerprints are small reads and listings: many side by side.
-CHECK_THREADS = 16
-
-
-def _in_threads(fn, items: list) -> list:
-    if len(items) <= 1:
-        return [fn(i) for i in items]
-    with ThreadPoolExecutor(min(CHECK_THREADS, len(items))) as pool:
-        return list(pool.map(fn, items))
-
-
-def _preview(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _now() -> str:

@@ -29,7 +29,6 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 from simpsons_ray import storage
@@ -40,7 +39,6 @@ LEASES_DIR = "_leases"
 LEASE_TTL_S = 120.0  # a lease not renewed for this long is free to take
 HEARTBEAT_S = 30.0  # renewals: four per TTL, so one slow write never loses a lease
 SETTLE_S = 2.0  # between writing leases and reading them back
-IO_THREADS = 16  # leases are small objects: write and read them side by side
 
 
 class LeaseKeeper:
@@ -91,7 +89,7 @@ class LeaseKeeper:
         """Jobs that hold at least one live lease on this output (their temporary files are not to be touched)."""
         names = [e.relpath[: -len(".json")] for e in storage.list_files(self.root, recursive=False)
                  if e.relpath.endswith(".json") and ".tmp-" not in e.relpath]
-        leases = _map(self.read, names)
+        leases = storage.in_threads(self.read, names)
         now = time.time()
         return {str(lease["job"]) for lease in leases if self.is_live(lease, now)}
 
@@ -105,10 +103,10 @@ class LeaseKeeper:
         Returns (episodes now held by this job, {episode: job that holds it} for the rest).
         """
         episode_ids = list(episode_ids)
-        created = dict(zip(episode_ids, _map(lambda e: storage.create_exclusive(self.uri(e), self._lease(e)), episode_ids)))
+        created = dict(zip(episode_ids, storage.in_threads(lambda e: storage.create_exclusive(self.uri(e), self._lease(e)), episode_ids)))
         held = [e for e in episode_ids if created[e]]
         taken = [e for e in episode_ids if not created[e]]
-        current = dict(zip(taken, _map(self.read, taken)))
+        current = dict(zip(taken, storage.in_threads(self.read, taken)))
         now = time.time()
         elsewhere: dict[str, str] = {}
         expired = []
@@ -119,9 +117,9 @@ class LeaseKeeper:
                 logger.info("label: episode %s: the lease of job %s expired; taking it over", eid, (lease or {}).get("job", "?"))
                 expired.append(eid)
         if expired:
-            _map(self._write, expired)
+            storage.in_threads(self._write, expired)
             time.sleep(self.settle_s)
-            for eid, lease in zip(expired, _map(self.read, expired)):
+            for eid, lease in zip(expired, storage.in_threads(self.read, expired)):
                 if lease and lease.get("job") == self.job_id:
                     held.append(eid)
                 else:  # another job's takeover landed after ours
@@ -152,7 +150,7 @@ class LeaseKeeper:
             if lease and lease.get("job") == self.job_id:
                 storage.delete(self.uri(eid))
 
-        _map(drop, ids)
+        storage.in_threads(drop, ids)
 
     # ------------------------------------------------------------------ heartbeat
     def __enter__(self) -> "LeaseKeeper":
@@ -173,7 +171,7 @@ class LeaseKeeper:
             with self._lock:
                 held = list(self.held)
             try:
-                current = dict(zip(held, _map(self.read, held)))
+                current = dict(zip(held, storage.in_threads(self.read, held)))
                 for eid, lease in current.items():
                     if lease and lease.get("job") != self.job_id:
                         logger.warning("label: episode %s: job %s took its lease over (this job was too slow to renew it); "
@@ -183,7 +181,7 @@ class LeaseKeeper:
                             self.lost.add(eid)
                 with self._lock:
                     renew = [eid for eid in held if eid in self.held]
-                _map(self._write, renew)
+                storage.in_threads(self._write, renew)
             except OSError as exc:  # storage briefly away: the next beat tries again, well within the TTL
                 logger.warning("label: could not renew the episode leases: %s", exc)
 
@@ -215,10 +213,3 @@ def _pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
-
-
-def _map(fn, items: list) -> list:
-    if len(items) <= 1:
-        return [fn(i) for i in items]
-    with ThreadPoolExecutor(min(IO_THREADS, len(items))) as pool:
-        return list(pool.map(fn, items))

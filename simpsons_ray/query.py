@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from simpsons_ray import schema, storage
-from simpsons_ray.errors import UserError
+from simpsons_ray.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def open_labels(labels_uri: str, allow_empty: bool = False) -> LabelsDataset:
     try:
         dataset = schema.labels_dataset(labels_uri)
     except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"Cannot list the labels at {labels_uri}: {_first_line(exc)}.") from None
+        raise UserError(f"Cannot list the labels at {labels_uri}: {first_line(exc).rstrip('.')}.") from None
     fragments: dict[str, list[pads.ParquetFileFragment]] = {}
     for fragment in dataset.get_fragments():
         episode = pads.get_partition_keys(fragment.partition_expression).get("episode")
@@ -162,7 +162,7 @@ def _check_fragment(labels: LabelsDataset, fragment: pads.ParquetFileFragment, c
     try:
         physical = fragment.physical_schema
     except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"Cannot read {_file_uri(labels, fragment)} in the labels at {labels.uri}: {_first_line(exc)}.") from None
+        raise UserError(f"Cannot read {_file_uri(labels, fragment)} in the labels at {labels.uri}: {first_line(exc).rstrip('.')}.") from None
     for name in columns:
         if name == "episode":
             continue
@@ -195,7 +195,7 @@ def _read_episode(
         try:
             tables.append(fragment.to_table(schema=labels.dataset.schema, columns=list(columns), filter=filter))
         except (OSError, pa.ArrowException) as exc:
-            raise UserError(f"Cannot read {_file_uri(labels, fragment)} in the labels at {labels.uri}: {_first_line(exc)}.") from None
+            raise UserError(f"Cannot read {_file_uri(labels, fragment)} in the labels at {labels.uri}: {first_line(exc).rstrip('.')}.") from None
     if not tables:
         return schema.LABELS_SCHEMA.empty_table().select(list(columns))
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -495,7 +495,7 @@ def _error_counts(labels_uri: str) -> pd.Series:
         dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=schema.ERRORS_SCHEMA, ignore_prefixes=[".", "_"])
         episodes = dataset.to_table(columns=["episode"])["episode"]
     except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"Cannot read the error rows in {errors_uri}: {_first_line(exc)}.") from None
+        raise UserError(f"Cannot read the error rows in {errors_uri}: {first_line(exc).rstrip('.')}.") from None
     counts = pc.value_counts(episodes)
     return pd.Series(
         counts.field("counts").to_numpy(zero_copy_only=False).astype(np.int64),
@@ -614,6 +614,3 @@ def _readable_float(value: float) -> str:
     return f"{value:.3f}"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0].rstrip(".") if text else type(exc).__name__

@@ -13,12 +13,13 @@ import json
 import os
 import posixpath
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import pyarrow.fs as pafs
 
-from simpsons_ray.errors import UserError
+from simpsons_ray.errors import UserError, first_line
 
 # Transient S3 failures (a reclaimed node's endpoint, a throttled prefix, a server
 # that is briefly away) are retried with backoff; 12 standard-strategy attempts
@@ -168,16 +169,29 @@ def write_bytes(uri: str, data: bytes) -> None:
     """
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_local_temp_copy(path, data), path)
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def _local_temp_copy(path: str, data: bytes) -> str:
+    """``data`` on disk beside ``path`` as ``<path>.tmp-<hex>``, synced; the caller renames or links it into place."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def in_threads(fn: Callable[[Any], Any], items: list, threads: int = 16) -> list:
+    """``[fn(i) for i in items]`` with up to ``threads`` calls side by side: small reads, writes and listings."""
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def read_json(uri: str) -> Any:
@@ -201,12 +215,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     """
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_temp_copy(path, data)
         try:
             os.link(tmp, path)
             return True
@@ -279,7 +288,7 @@ def check_writable(uri: str, what: str = "output") -> None:
         write_bytes(probe, b"")
         delete(probe)
     except (OSError, PermissionError) as exc:
-        raise UserError(f"Cannot write the {what} to {uri}: {_first_line(exc)}.") from None
+        raise UserError(f"Cannot write the {what} to {uri}: {first_line(exc).rstrip('.')}.") from None
 
 
 def iter_chunks(uri: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
@@ -289,11 +298,6 @@ def iter_chunks(uri: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
             if not chunk:
                 return
             yield chunk
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0].rstrip(".") if text else type(exc).__name__
 
 
 def move(src_uri: str, dst_uri: str) -> None:

@@ -18,7 +18,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from simpsons_ray import storage
-from simpsons_ray.errors import StorageError
+from simpsons_ray.errors import StorageError, first_line
 from simpsons_ray.preprocess import AugmentConfig, ImageDecodeError, TrainAugment, load_resized
 
 
@@ -58,8 +58,7 @@ def _read(uri: str) -> tuple[bytes, str]:
             return storage.read_bytes(uri), ""
         except OSError as exc:
             if pause is None:
-                text = str(exc).strip().splitlines()
-                return b"", text[0] if text else type(exc).__name__
+                return b"", first_line(exc)
             time.sleep(pause)
     raise AssertionError("unreachable")
 

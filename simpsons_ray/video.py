@@ -41,6 +41,7 @@ from fractions import Fraction
 from typing import Iterator
 
 from simpsons_ray import storage
+from simpsons_ray.errors import first_line
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".ts")
 
@@ -349,5 +350,4 @@ def read_frames_at(uri: str, times: list[float], max_side: int = 480) -> dict[fl
 def _first_line(exc: BaseException) -> str:
     if getattr(exc, "strerror", None):  # FFmpeg's errors: the message without errno and file name
         return str(exc.strerror)
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return first_line(exc)
