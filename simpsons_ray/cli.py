@@ -157,12 +157,20 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-confidence", type=float, default=q.DEFAULT_MIN_CONFIDENCE, help="count a label only at this confidence or more (default %(default)s)")
     p.add_argument("--episode", nargs="+", action="extend", default=[], metavar="ID", help="only these episodes (space- or comma-separated, repeatable)")
     p.add_argument("--character", help="the character (frames: required; screen-time, segments: only this one)")
-    p.add_argument("--format", choices=q.FORMATS, help="table, csv, json or parquet (default: from --output's extension, else table)")
-    p.add_argument("--output", help="write the answer to this file or s3:// URI instead of the terminal")
+    p.add_argument("--format", choices=q.FORMATS + q.SEGMENT_EXPORTS,
+                   help="table, csv, json or parquet; segments also srt or vtt (a subtitle track of who is on screen) and edl "
+                        "(an edit list) (default: from --output's extension, else table)")
+    p.add_argument("--output", help="write the answer to this file or s3:// URI instead of the terminal; srt, vtt, edl: "
+                                    "a folder ending in / gets one file per episode")
     p.add_argument("--plot", help="screen-time: stacked bar chart per episode; segments: timeline (PNG)")
     p.add_argument("--contact-sheet", help="frames: grid of the best --limit frames' thumbnails (JPEG)")
     p.add_argument("--max-gap-s", type=float, default=q.DEFAULT_MAX_GAP_S, help="segments: join appearances this close (default %(default)s)")
     p.add_argument("--limit", type=_positive_int, help="at most N rows (frames: the best N)")
+    p.add_argument("--time", help="at: the moment, as seconds (754.2), MM:SS (12:34) or HH:MM:SS")
+    p.add_argument("--frame", type=_non_negative_int, help="at: a frame number, for episodes labelled without timestamps")
+    p.add_argument("--timecode-fps", type=_positive_float,
+                   help="segments: add SMPTE start/end/duration timecodes at this rate (29.97 and 59.94 drop-frame); "
+                        "the rate of --format edl (default 24)")
     p.set_defaults(run=_run_query)
 
 
@@ -181,8 +189,50 @@ def _run_query(args: argparse.Namespace) -> int:
         contact_sheet_uri=args.contact_sheet,
         max_gap_s=args.max_gap_s,
         limit=args.limit,
+        time=args.time,
+        frame=args.frame,
+        timecode_fps=args.timecode_fps,
     )
     run_query(config)
+    return 0
+
+
+# -------------------------------------------------------------------------- report
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    from simpsons_ray import report as r
+
+    p = sub.add_parser("report", help="one self-contained HTML report of a labels output: totals, timelines, best frames, quality")
+    p.add_argument("--labels", required=True, help="labels output of `simpsons-ray label` (local path or s3://)")
+    p.add_argument("--output", required=True, help="the HTML file to write (local path or s3://)")
+    p.add_argument("--model", help="the model artifact: adds its card (test metrics, confusion matrix, calibration)")
+    p.add_argument("--episodes", nargs="+", action="extend", default=[], metavar="ID", help="only these episodes (space- or comma-separated)")
+    p.add_argument("--characters", nargs="+", action="extend", default=[], metavar="NAME", help="only these characters (space- or comma-separated)")
+    p.add_argument("--min-confidence", type=_probability, default=r.query.DEFAULT_MIN_CONFIDENCE,
+                   help="count a character only at this confidence or more (default %(default)s)")
+    p.add_argument("--low-confidence", type=_probability, default=r.DEFAULT_LOW_CONFIDENCE,
+                   help="quality: the share of frames under this top-1 confidence (default %(default)s)")
+    p.add_argument("--max-gap-s", type=_non_negative_float, default=r.query.DEFAULT_MAX_GAP_S,
+                   help="timelines: join appearances this close (default %(default)s)")
+    p.add_argument("--thumbnails", type=_non_negative_int, default=r.DEFAULT_THUMBNAILS,
+                   help="best frames shown per character; 0: none, and no frame is read (default %(default)s)")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from simpsons_ray.report import ReportConfig, build_report
+
+    result = build_report(ReportConfig(
+        labels_uri=args.labels,
+        output_uri=args.output,
+        model_uri=args.model,
+        episodes=tuple(e for item in args.episodes for e in _csv(item)),
+        characters=tuple(c for item in args.characters for c in _csv(item)),
+        min_confidence=args.min_confidence,
+        low_confidence=args.low_confidence,
+        max_gap_s=args.max_gap_s,
+        thumbnails=args.thumbnails,
+    ))
+    print(f"report of {result.episodes} episode(s), {result.bytes / 1e6:.1f} MB, built in {result.seconds:.1f} s: {result.output_uri}")
     return 0
 
 
@@ -287,7 +337,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_label, _add_query, _add_demo]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_label, _add_query, _add_report, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

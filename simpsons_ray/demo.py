@@ -10,6 +10,7 @@ Everything lands under ``--output``::
     model/                           the trained model artifact
     labels/episode=<id>/*.parquet    the labels
     screen_time.png                  the screen-time chart
+    report.html                      the HTML report: totals, timelines, best frames, quality, the model's card
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simpsons_ray import plots, query
+from simpsons_ray import plots, query, report
 from simpsons_ray.labeling import LabelConfig, label
 from simpsons_ray.synthetic import class_image, encode, write_class_folders
 from simpsons_ray.training import TrainConfig, train
@@ -93,8 +94,11 @@ def run_demo(config: DemoConfig) -> None:
     result = query.screen_time(labels_dir)
     print(query.render(result, "table").decode())
     plots.screen_time_chart(result, chart)
+    page = os.path.join(out, "report.html")
+    built = report.build_report(report.ReportConfig(labels_uri=labels_dir, output_uri=page, model_uri=model_dir))
     print(f"labels:  {labels_dir}/episode=<id>/*.parquet   (errors in {labels_dir}/_errors, run summaries in {labels_dir}/_runs)")
     print(f"chart:   {chart}")
+    print(f"report:  {page}   (open it in a browser; built in {built.seconds:.1f} s)")
     print(f"next:    simpsons-ray query frames --labels {labels_dir} --character bart_simpson --contact-sheet bart.jpg")
     print(f"         python -c \"import pandas as pd; print(pd.read_parquet('{labels_dir}').head())\"")
     print(f"         duckdb -c \"SELECT episode, label, count(*) FROM read_parquet('{labels_dir}/episode=*/*.parquet', "

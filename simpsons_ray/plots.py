@@ -17,7 +17,7 @@ import io
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -236,11 +236,13 @@ def _thumbnail(data: "bytes | Image.Image | None") -> Image.Image | None:
     return ImageOps.contain(image, CONTACT_SHEET_THUMB_PX)
 
 
-def _fetch_sources(sources: list[str]) -> dict[str, "bytes | Image.Image | None"]:
+def _fetch_sources(sources: list[str], warn: Callable[[str], None] | None = None) -> dict[str, "bytes | Image.Image | None"]:
     """Each source's image bytes, or its decoded picture for a video frame (None where unreadable).
 
     Files are read one by one, archives in one pass each, videos opened once each.
+    ``warn`` gets one sentence per source that can't be read (default: a log warning).
     """
+    warn = warn or (lambda message: log.warning("contact sheet: %s", message))
     from simpsons_ray.frames import ARCHIVE_ERRORS, iter_tar_members, split_source
 
     files: list[str] = []
@@ -259,7 +261,7 @@ def _fetch_sources(sources: list[str]) -> dict[str, "bytes | Image.Image | None"
         try:
             return {uri: storage.read_bytes(uri)}
         except (OSError, UserError) as exc:
-            log.warning("contact sheet: cannot read %s: %s", uri, exc)
+            warn(f"cannot read {uri}: {exc}")
             return {uri: None}
 
     def read_archive(item: tuple[str, set[str]]) -> dict[str, bytes | None]:
@@ -275,9 +277,9 @@ def _fetch_sources(sources: list[str]) -> dict[str, "bytes | Image.Image | None"
                     if not wanted:
                         break
         except (OSError, UserError, *ARCHIVE_ERRORS) as exc:
-            log.warning("contact sheet: cannot read %s: %s", archive, exc)
+            warn(f"cannot read {archive}: {exc}")
         for member in wanted.values():
-            log.warning("contact sheet: %s has no member %s", archive, member)
+            warn(f"{archive} has no member {member}")
         return found
 
     def read_video(item: tuple[str, set[str]]) -> dict[str, Image.Image | None]:
@@ -288,7 +290,7 @@ def _fetch_sources(sources: list[str]) -> dict[str, "bytes | Image.Image | None"
         try:
             pictures = video.read_frames_at(uri, sorted(set(times.values())))
         except (OSError, UserError, video.VideoError) as exc:
-            log.warning("contact sheet: cannot read %s: %s", uri, exc)
+            warn(f"cannot read {uri}: {exc}")
             pictures = {}
         return {f"{uri}#{m}": pictures.get(t) for m, t in times.items()}
 

@@ -62,13 +62,15 @@ READ_THREADS = min(8, 2 * (os.cpu_count() or 1))
 # sampling interval are the same gap.
 _TIME_EPSILON_S = 1e-6
 
-QUESTIONS = ("screen-time", "frames", "segments", "summary")
+QUESTIONS = ("screen-time", "frames", "segments", "summary", "at")
 FORMATS = ("table", "csv", "json", "parquet")
+SEGMENT_EXPORTS = ("srt", "vtt", "edl")  # segments only: see simpsons_ray.exports
 
 SCREEN_TIME_COLUMNS = ["episode", "character", "frames", "seconds", "share"]
 FRAMES_COLUMNS = ["episode", "frame", "timestamp_s", "confidence", "source"]
 SEGMENTS_COLUMNS = ["episode", "character", "start_s", "end_s", "duration_s", "frames", "first_frame", "last_frame"]
 SUMMARY_COLUMNS = ["episode", "frames", "labelled_frames", "error_rows", "mean_confidence", "model_ids"]
+AT_COLUMNS = ["episode", "asked_s", "frame", "timestamp_s", "character", "confidence", "source"]
 
 T = TypeVar("T")
 
@@ -166,8 +168,10 @@ def _check_fragment(labels: LabelsDataset, fragment: pads.ParquetFileFragment, c
     for name in columns:
         if name == "episode":
             continue
-        expected = schema.LABELS_FILE_SCHEMA.field(name).type
+        expected = schema.READ_SCHEMA.field(name).type
         index = physical.get_field_index(name)
+        if index < 0 and name in schema.OPTIONAL_FILE_SCHEMA.names:
+            continue  # read as null
         if index < 0:
             raise UserError(
                 f"{labels.uri} is not a labels dataset: {_file_uri(labels, fragment)} has no column {name!r} "
@@ -193,11 +197,11 @@ def _read_episode(
     for fragment in labels.fragments[episode]:
         _check_fragment(labels, fragment, columns)
         try:
-            tables.append(fragment.to_table(schema=labels.dataset.schema, columns=list(columns), filter=filter))
+            tables.append(fragment.to_table(schema=schema.READ_SCHEMA, columns=list(columns), filter=filter))
         except (OSError, pa.ArrowException) as exc:
             raise UserError(f"Cannot read {_file_uri(labels, fragment)} in the labels at {labels.uri}: {first_line(exc).rstrip('.')}.") from None
     if not tables:
-        return schema.LABELS_SCHEMA.empty_table().select(list(columns))
+        return schema.READ_SCHEMA.empty_table().select(list(columns))
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
@@ -423,22 +427,26 @@ def _segments_of(
     segment_id = np.cumsum(starts) - 1
     first = np.flatnonzero(starts)
     last = np.concatenate((first[1:] - 1, [len(codes) - 1]))
+    count = np.bincount(segment_id).astype(np.int64)
+    # In time (or frame) order, then by name; sorted here in numpy, which is several
+    # times faster than sorting the DataFrame's string columns.
+    name_rank = np.argsort(np.argsort(names, kind="stable"), kind="stable")
+    by = np.lexsort((name_rank[codes[first]], position[first] if timed else frame[first]))
+    first, last, count = first[by], last[by], count[by]
     start = position[first]
     end = position[last] + step
-    result = pd.DataFrame(
+    return pd.DataFrame(
         {
             "episode": episode,
             "character": names[codes[first]],
             "start_s": start if timed else np.nan,
             "end_s": end if timed else np.nan,
             "duration_s": (end - start) if timed else np.nan,
-            "frames": np.bincount(segment_id).astype(np.int64),
+            "frames": count,
             "first_frame": frame[first],
             "last_frame": frame[last],
         }
     )
-    sort = ["start_s", "character"] if timed else ["first_frame", "character"]
-    return result.sort_values(sort, kind="stable")
 
 
 def summary(
@@ -485,6 +493,109 @@ def summary(
     return result[SUMMARY_COLUMNS].sort_values("episode", kind="stable").reset_index(drop=True)
 
 
+def parse_time(text: str | float) -> float:
+    """Seconds from ``754.2``, ``12:34``, ``12:34.5`` or ``1:02:03``; a user error otherwise."""
+    raw = str(text).strip()
+    parts = raw.split(":")
+    try:
+        if len(parts) > 3 or any(p.strip() == "" for p in parts):
+            raise ValueError
+        values = [float(p) for p in parts]
+        if any(v < 0 or math.isnan(v) or math.isinf(v) for v in values) or any(v >= 60 for v in values[1:]):
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--time {raw!r} is not a time: write seconds (754.2), MM:SS (12:34) or HH:MM:SS (1:02:03.5).") from None
+    seconds = 0.0
+    for value in values:
+        seconds = seconds * 60 + value
+    return seconds
+
+
+def at(
+    labels: str | LabelsDataset,
+    episode: str,
+    time_s: float | None = None,
+    frame: int | None = None,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+) -> pd.DataFrame:
+    """Who is on screen in ``episode`` at ``time_s`` seconds (or at dump frame ``frame``): a row per character.
+
+    The frame shown at ``t`` is the last one whose timestamp is at or before ``t``,
+    as a video player shows it, provided ``t`` falls within its sampling interval;
+    a gap in the labels (frames that failed) is a user error naming the nearest
+    frames. Each row gives the character, its confidence and the frame it comes
+    from; a frame with nobody labelled gives one row with a null character.
+    """
+    labels = _as_labels(labels)
+    min_confidence = _check_min_confidence(min_confidence)
+    if (time_s is None) == (frame is None):
+        raise UserError("`query at` needs one of --time (seconds or MM:SS) or --frame N.")
+    _select_episodes(labels, [episode])
+    table = _read_episode(labels, episode, ["frame", "timestamp_s", "source", "label", "confidence", "characters", "character_scores"])
+    table = table.take(pc.sort_indices(table, sort_keys=[("frame", "ascending")]))
+    numbers = table["frame"].to_numpy(zero_copy_only=False).astype(np.int64)
+    if frame is not None:
+        hits = np.flatnonzero(numbers == int(frame))
+        if not len(hits):
+            raise UserError(f"Episode {episode} has no labelled frame {frame}: its frames run {numbers.min()} to {numbers.max()}.")
+        row, asked = int(hits[0]), float("nan")
+    else:
+        row, asked = _row_at(episode, table, float(time_s)), float(time_s)
+    picked = table.slice(row, 1).to_pylist()[0]
+    shown = on_screen(picked, min_confidence) or [(None, picked["confidence"] if picked["characters"] is None else None)]
+    rows = [
+        {"episode": episode, "asked_s": asked, "frame": picked["frame"], "timestamp_s": picked["timestamp_s"],
+         "character": name, "confidence": score, "source": picked["source"]}
+        for name, score in shown
+    ]
+    return pd.DataFrame(rows, columns=AT_COLUMNS).astype(
+        {"asked_s": "float64", "frame": "int64", "timestamp_s": "float64", "confidence": "float64"})
+
+
+def on_screen(row: dict, min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> list[tuple[str, float]]:
+    """(character, score) of everyone a labels row puts on screen, best first.
+
+    A row with ``characters`` (a multi-label model) names them all; otherwise its
+    ``label`` is the one character, when its confidence reaches ``min_confidence``.
+    """
+    names = row.get("characters")
+    if names is not None:
+        scores = row.get("character_scores") or [None] * len(names)
+        return [(n, s) for n, s in zip(names, scores) if s is None or s >= min_confidence]
+    if row.get("label") is not None and row.get("confidence") is not None and row["confidence"] >= min_confidence:
+        return [(row["label"], row["confidence"])]
+    return []
+
+
+def _row_at(episode: str, table: pa.Table, time_s: float) -> int:
+    """Index of the row shown at ``time_s`` in a table sorted by frame."""
+    times = table["timestamp_s"].to_numpy(zero_copy_only=False).astype(np.float64)
+    if np.isnan(times).all():
+        raise UserError(f"Episode {episode} has no timestamps (labelled without --fps): ask for a frame with --frame N instead of --time.")
+    interval = _sampling_interval(table["timestamp_s"]) or 0.0
+    valid = np.flatnonzero(~np.isnan(times))
+    order = valid[np.argsort(times[valid], kind="stable")]
+    sorted_times = times[order]
+    first, last = sorted_times[0], sorted_times[-1] + interval
+    if time_s < first - _TIME_EPSILON_S or time_s >= last + _TIME_EPSILON_S:
+        raise UserError(f"{_clock(time_s)} is outside episode {episode}: its labelled frames cover {_clock(first)} to {_clock(last)}.")
+    position = int(np.searchsorted(sorted_times, time_s + _TIME_EPSILON_S, side="right")) - 1
+    shown = sorted_times[position]
+    if time_s - shown >= interval + _TIME_EPSILON_S:
+        after = sorted_times[position + 1]
+        raise UserError(
+            f"Episode {episode} has no labelled frame at {_clock(time_s)}: the nearest are at {_clock(shown)} and {_clock(after)} "
+            "(the frames between were not labelled; see `query summary` for error rows)."
+        )
+    return int(order[position])
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(max(0.0, float(seconds)), 60.0)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{secs:06.3f}" if hours else f"{minutes}:{secs:06.3f}"
+
+
 def _error_counts(labels_uri: str) -> pd.Series:
     """Rows of ``_errors/`` per episode (empty when the labeling recorded none)."""
     errors_uri = storage.join(labels_uri, schema.ERRORS_DIR)
@@ -526,28 +637,42 @@ class QueryConfig:
     contact_sheet_uri: str | None = None
     max_gap_s: float = DEFAULT_MAX_GAP_S
     limit: int | None = None
+    time: str | None = None  # at: seconds, MM:SS or HH:MM:SS
+    frame: int | None = None  # at: a dump's frame number instead of a time
+    timecode_fps: float | None = None  # segments: add SMPTE timecodes at this rate; the EDL's rate
 
     def __post_init__(self) -> None:
         if self.question not in QUESTIONS:
             raise UserError(f"Unknown question {self.question!r}: ask one of {', '.join(QUESTIONS)}.")
         if self.question == "frames" and not self.character:
             raise UserError("`query frames` needs --character NAME.")
+        if self.question == "at" and len(self.episodes) != 1:
+            raise UserError("`query at` needs exactly one --episode ID, and --time (12:34 or 754.2) or --frame N.")
+        if self.question != "at" and (self.time is not None or self.frame is not None):
+            raise UserError("--time and --frame apply to `query at` only.")
         if self.plot_uri and self.question not in ("screen-time", "segments"):
             raise UserError("--plot draws screen-time or segments; for frames use --contact-sheet.")
         if self.contact_sheet_uri and self.question != "frames":
             raise UserError("--contact-sheet applies to `query frames` only.")
-        if self.resolved_format not in FORMATS:
-            raise UserError(f"Unknown --format {self.format!r}: use one of {', '.join(FORMATS)}.")
-        if self.resolved_format == "parquet" and not self.output_uri:
+        if self.timecode_fps is not None and self.question != "segments":
+            raise UserError("--timecode-fps applies to `query segments` only.")
+        fmt = self.resolved_format
+        if fmt in SEGMENT_EXPORTS and self.question != "segments":
+            raise UserError(f"--format {fmt} exports segments: ask `query segments`.")
+        if fmt not in FORMATS + SEGMENT_EXPORTS:
+            raise UserError(f"Unknown --format {self.format!r}: use one of {', '.join(FORMATS + SEGMENT_EXPORTS)}.")
+        if fmt == "parquet" and not self.output_uri:
             raise UserError("--format parquet writes a file: add --output FILE.parquet.")
+        if self.output_uri and self.output_uri.endswith("/") and fmt not in SEGMENT_EXPORTS:
+            raise UserError(f"--output {self.output_uri} is a folder: only --format srt, vtt or edl write one file per episode.")
 
     @property
     def resolved_format(self) -> str:
         if self.format:
             return self.format
-        if self.output_uri:
+        if self.output_uri and not self.output_uri.endswith("/"):
             extension = storage.basename(self.output_uri).rsplit(".", 1)[-1].lower()
-            if extension in FORMATS:
+            if extension in FORMATS + SEGMENT_EXPORTS:
                 return extension
         return "table"
 
@@ -560,7 +685,15 @@ def ask(config: QueryConfig) -> pd.DataFrame:
     if config.question == "frames":
         return frames(config.labels_uri, config.character, config.min_confidence, episodes, config.limit)
     if config.question == "segments":
-        return segments(config.labels_uri, config.character, config.min_confidence, config.max_gap_s, episodes)
+        result = segments(config.labels_uri, config.character, config.min_confidence, config.max_gap_s, episodes)
+        if config.timecode_fps is not None and config.resolved_format not in SEGMENT_EXPORTS:
+            from simpsons_ray import exports
+
+            result = exports.with_timecodes(result, config.timecode_fps)
+        return result
+    if config.question == "at":
+        time_s = parse_time(config.time) if config.time is not None else None
+        return at(config.labels_uri, config.episodes[0], time_s, config.frame, config.min_confidence)
     return summary(config.labels_uri, config.min_confidence, episodes)
 
 
@@ -570,13 +703,16 @@ def run_query(config: QueryConfig, stdout: TextIO | None = None) -> pd.DataFrame
     result = ask(config)
     if config.limit is not None and config.question != "frames":
         result = result.head(config.limit)
-    data = render(result, config.resolved_format)
-    if config.output_uri:
-        storage.write_bytes(config.output_uri, data)
-        log.info("wrote %d rows to %s", len(result), config.output_uri)
+    if config.resolved_format in SEGMENT_EXPORTS:
+        _export_segments(config, result, stdout)
     else:
-        stdout.write(data.decode())
-        stdout.flush()
+        data = render(result, config.resolved_format)
+        if config.output_uri:
+            storage.write_bytes(config.output_uri, data)
+            log.info("wrote %d rows to %s", len(result), config.output_uri)
+        else:
+            stdout.write(data.decode())
+            stdout.flush()
     if config.plot_uri:
         from simpsons_ray import plots
 
@@ -592,6 +728,27 @@ def run_query(config: QueryConfig, stdout: TextIO | None = None) -> pd.DataFrame
         plots.contact_sheet(best, config.contact_sheet_uri, title=f"{config.character}: best {len(best)} frames")
         log.info("wrote the contact sheet to %s", config.contact_sheet_uri)
     return result
+
+
+def _export_segments(config: QueryConfig, result: pd.DataFrame, stdout: TextIO) -> None:
+    """Segments as SubRip, WebVTT or EDL: one file, stdout, or a folder (``--output DIR/``) with a file per episode."""
+    from simpsons_ray import exports
+
+    fmt, fps = config.resolved_format, config.timecode_fps or exports.DEFAULT_TIMECODE_FPS
+    if config.output_uri and config.output_uri.endswith("/"):
+        episodes = list(config.episodes) or open_labels(config.labels_uri).episodes
+        for episode in episodes:
+            mine = result[result["episode"] == episode]
+            storage.write_bytes(storage.join(config.output_uri, f"{episode}.{fmt}"), exports.render(mine, fmt, fps).encode())
+        log.info("wrote %d %s files to %s", len(episodes), fmt, config.output_uri)
+        return
+    text = exports.render(result, fmt, fps)
+    if config.output_uri:
+        storage.write_bytes(config.output_uri, text.encode())
+        log.info("wrote %d segments as %s to %s", len(result), fmt, config.output_uri)
+    else:
+        stdout.write(text)
+        stdout.flush()
 
 
 def render(result: pd.DataFrame, fmt: str) -> bytes:

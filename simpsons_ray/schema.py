@@ -38,6 +38,16 @@ LABELS_FILE_SCHEMA = pa.schema(
 # The dataset as every reader sees it: exactly these columns, in this order.
 LABELS_SCHEMA = pa.schema([PARTITION_SCHEMA.field("episode"), *LABELS_FILE_SCHEMA])
 
+# Columns a labels file may have beyond LABELS_FILE_SCHEMA, from a model that names every
+# character on screen: readers take them where present and read null elsewhere.
+OPTIONAL_FILE_SCHEMA = pa.schema(
+    [
+        pa.field("characters", pa.list_(pa.string())),  # every character on screen, best first; [] = nobody
+        pa.field("character_scores", pa.list_(pa.float32())),  # their scores, same order
+    ]
+)
+READ_SCHEMA = pa.schema([*LABELS_SCHEMA, *OPTIONAL_FILE_SCHEMA])
+
 ERRORS_SCHEMA = pa.schema(
     [
         pa.field("episode", pa.string()),
