@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 from simpsons_ray.errors import find_user_error
 
 EXIT_USER_ERROR = 2
+VERBOSE_HELP = "debug logging, and Ray's own logs in the terminal (by default they stay in Ray's log files)"
 
 
 def _csv(text: str) -> list[str]:
@@ -345,17 +346,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="simpsons-ray",
         description="Find which Simpsons characters are on screen: train on Ray Train, label on Ray Data, query Parquet.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    # Also after the subcommand (`simpsons-ray demo -v`, `jobs/train.py ... --verbose`).
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; user mistakes end in one sentence and exit status 2."""
+    from simpsons_ray import console
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    console.set_verbose(args.verbose)
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from simpsons_ray import cluster
+from simpsons_ray import cluster, console
 from simpsons_ray import frames as frames_lib
 from simpsons_ray.commit import EpisodeWriter, LabelSettings
 from simpsons_ray.errors import UserError
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("simpsons_ray.labeling")
 
-PROGRESS_EVERY_S = 10.0
 
 # Logical CPU reservations, which decide what Ray runs side by side. Reading is
 # mostly waiting on storage: a quarter CPU, so reads overlap with decoding. A
@@ -77,7 +76,6 @@ class Progress:
     frames: int = 0
     errors: int = 0
     episodes_done: int = 0
-    last_line: float = field(default_factory=time.monotonic)
     first_batch_at: float | None = None  # time.monotonic() when the first labelled batch reached the driver
 
     def rate(self) -> float:
@@ -88,6 +86,19 @@ class Progress:
             f"{self.episodes_done}/{self.episodes_total} episodes, {self.frames:,} frames labelled, "
             f"{self.errors:,} errors, {self.rate():,.1f} frames/s"
         )
+
+
+def _frames_total(expected: dict[int, int], tasks: int) -> tuple[float | None, bool]:
+    """(total frames, whether it is an estimate): a read task's count is known when it ends.
+
+    Until every task has ended, each unfinished one counts as the mean of the ended
+    ones, so the total and the ETA settle as the work goes.
+    """
+    if not expected:
+        return None, True
+    known = sum(expected.values())
+    unfinished = tasks - len(expected)
+    return known + unfinished * known / len(expected), unfinished > 0
 
 
 def run_pipeline(
@@ -121,6 +132,7 @@ def run_pipeline(
     fingerprints: dict[str, str] = {}  # what each episode's read tasks saw of its source
     empty: list[str] = []
 
+    bar = console.ProgressBar("label", "frames")
     with _data_context(), _discard_on_failure(writers):
         dataset = _build_dataset(config, specs, preprocess, settings.model_id, grow)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -159,11 +171,13 @@ def run_pipeline(
                     progress.episodes_done += 1
                     if marker["frames"] == 0:
                         empty.append(eid)
-                    logger.info("label: episode %s committed: %d frames, %d errors (%s)", eid, marker["frames"], marker["errors"], progress.line())
-            if time.monotonic() - progress.last_line > PROGRESS_EVERY_S:
-                progress.last_line = time.monotonic()
-                in_flight = sum(w.frames for w in writers.values())
-                logger.info("label: %s; %d frames in episodes under way", progress.line(), in_flight)
+                    # One line per episode only when asked: a season is hundreds; the bar says how far the run is.
+                    logger.log(logging.INFO if console.verbose() else logging.DEBUG, "label: episode %s committed: %d frames, %d errors (%s)",
+                               eid, marker["frames"], marker["errors"], progress.line())
+            total, estimated = _frames_total(expected, len(specs))
+            bar.update(sum(received.values()), total, estimated,
+                       note=f"{progress.episodes_done}/{progress.episodes_total} episodes" + (f", {progress.errors:,} errors" if progress.errors else ""))
+    bar.close(note=f"{progress.episodes_done}/{progress.episodes_total} episodes")
     if tasks_of:
         # Every read task reports its row count, so this means rows went missing.
         raise RuntimeError(f"labeling ended with episodes incomplete: {sorted(tasks_of)}")
@@ -355,7 +369,7 @@ def ensure_ray() -> str:
     if ray.is_initialized():
         return ATTACHED
     address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address)
+    console.init_ray(address)
     return JOINED if address not in (None, "local") else STARTED
 
 

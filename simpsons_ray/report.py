@@ -17,7 +17,6 @@ travel as compact JSON and are drawn by the browser when a reader opens an episo
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import time
@@ -30,8 +29,6 @@ import pyarrow.compute as pc
 
 from simpsons_ray import query, storage
 from simpsons_ray.errors import UserError
-
-log = logging.getLogger(__name__)
 
 # A frame whose top-1 confidence is under this counts as low-confidence in the quality table.
 DEFAULT_LOW_CONFIDENCE = 0.5
@@ -307,6 +304,4 @@ def build_report(config: ReportConfig) -> ReportResult:
 
     page = build_html(config, labels, facts, started).encode()
     storage.write_bytes(config.output_uri, page)
-    elapsed = time.monotonic() - started
-    log.info("report: %d episodes, %.1f MB, built in %.1f s -> %s", len(facts), len(page) / 1e6, elapsed, config.output_uri)
-    return ReportResult(config.output_uri, len(facts), len(page), elapsed)
+    return ReportResult(config.output_uri, len(facts), len(page), time.monotonic() - started)

@@ -25,6 +25,7 @@ import io
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from simpsons_ray import calibration, cluster, datasets, metrics, scoring, storage, training_data
+from simpsons_ray import calibration, cluster, console, datasets, metrics, scoring, storage, training_data
 from simpsons_ray.errors import UserError, storage_failure
 from simpsons_ray.model import (
     build_model,
@@ -433,6 +434,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_shard=ray.train.get_dataset_shard("train"),  # Ray: this worker's shard
         val_shard=ray.train.get_dataset_shard("val"),
         train_images=loop_config["train_images"],
+        progress=loop_config.get("progress"),
     )
     worker.run(_restored_state(worker.config))
 
@@ -478,6 +480,7 @@ class _Worker:
     train_shard: Any
     val_shard: Any
     train_images: int
+    progress: Any = None  # a ray.util.queue.Queue the driver reads epoch lines from; None: none
 
     def run(self, state: TrainState) -> None:
         c = self.config
@@ -589,8 +592,14 @@ class _Worker:
         return True
 
     def _say(self, line: str) -> None:
-        if self.rank == 0:
-            _say(line)
+        if self.rank != 0:
+            return
+        _say(line)  # into this worker's log file (and the terminal with --verbose)
+        if self.progress is not None:
+            try:  # the driver shows it; losing a line must not stop training
+                self.progress.put(line, timeout=5)
+            except Exception:  # noqa: BLE001 - the queue's actor may be gone with a dying driver
+                pass
 
 
 def _distributed(model: nn.Module, device: torch.device) -> nn.Module:
@@ -704,6 +713,12 @@ def _split(config: TrainConfig) -> tuple[datasets.Split, dict[str, int]]:
     return split, dropped
 
 
+def _epoch_of(line: str) -> int | None:
+    """The epoch number of a worker's ``epoch   3/10 ...`` line, for the driver's progress bar."""
+    match = re.match(r"epoch\s+(\d+)/", line)
+    return int(match.group(1)) if match else None
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train and write a complete model artifact to ``config.output_uri``; returns its metrics."""
     import ray
@@ -714,7 +729,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     split, dropped = _split(config)
     _check_resume(config)  # before Ray starts: a refused resume should not wait for a cluster
     if not ray.is_initialized():
-        ray.init()
+        console.init_ray()
     train_ds, skipped_train = training_data.decode_or_stop(split.train, config.image_size, config.seed, "training", config.data_uri)
     val_ds, skipped_val = training_data.decode_or_stop(split.val, config.image_size, config.seed, "validation", config.data_uri)
     train_images = train_ds.count()
@@ -724,10 +739,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     cpus = _cpus_per_worker(config)
     fs, path = storage.resolve(config.output_uri)
+    shown = console.WorkerLines("train", "epochs", sum(p.epochs for p in plan_phases(config)), progress=_epoch_of)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "classes": split.classes, "threads": max(1, int(cpus)),
-                           "train_images": train_images},
+                           "train_images": train_images, "progress": shown.queue},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.use_gpu else {})}
         ),
@@ -742,7 +758,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         datasets={"train": epoch_train_ds, "val": val_ds},
     )
     start = time.perf_counter()
-    result = trainer.fit()
+    with shown:
+        result = trainer.fit()
     wall = time.perf_counter() - start
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")

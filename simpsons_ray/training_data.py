@@ -78,7 +78,8 @@ class AugmentingCollate(NumpyBatchCollateFn):
         self._augment = TrainAugment(augment)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {"image": torch.from_numpy(self._augment.batch(batch["image"])), "label": torch.from_numpy(batch["label"])}
+        # Ray hands over read-only arrays; the labels are copied (a few bytes) so torch gets a writable one.
+        return {"image": torch.from_numpy(self._augment.batch(batch["image"])), "label": torch.tensor(batch["label"])}
 
 
 def decoded_dataset(table: pd.DataFrame, image_size: int, seed: int):

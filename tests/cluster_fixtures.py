@@ -214,9 +214,14 @@ class LocalCluster:
         """Run the `ray` CLI against this cluster (the token travels in the environment)."""
         return subprocess.run(["ray", *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
-    def submit(self, script: str, *args: str, job_id: str, env_vars: dict[str, str] | None = None) -> str:
-        """`ray job submit --working-dir . -- python <script> <args>`, without waiting."""
+    def submit(self, script: str, *args: str, job_id: str, env_vars: dict[str, str] | None = None, verbose: bool = False) -> str:
+        """`ray job submit --working-dir . -- python <script> <args>`, without waiting.
+
+        ``verbose``: the job's logs carry its Ray workers' output too (SIMPSONS_RAY_VERBOSE),
+        for tests that read a worker's lines; by default a job shows only its own lines.
+        """
         cmd = ["job", "submit", "--address", self.address, "--working-dir", ".", "--submission-id", job_id, "--no-wait"]
+        env_vars = {**(env_vars or {}), **({"SIMPSONS_RAY_VERBOSE": "1"} if verbose else {})}
         if env_vars:
             cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
         done = self.ray(*cmd, "--", "python", script, *args)

@@ -166,7 +166,7 @@ def trained(cluster, s3_data):
     job = cluster.submit(
         "jobs/train.py", "--data", s3_data["train"], "--output", model, *TRAIN_FLAGS,
         "--finetune-epochs", str(TRAIN_EPOCHS), "--patience", str(TRAIN_EPOCHS), "--max-failures", "2",
-        job_id=f"train-{uuid.uuid4().hex[:6]}",
+        job_id=f"train-{uuid.uuid4().hex[:6]}", verbose=True,  # the workers' lines name rank 0's pid
     )  # fmt: skip
     logs = cluster.wait_for_log(job, f"epoch   3/{TRAIN_EPOCHS}", timeout=400)
     # Rank 0, the worker that prints the epoch lines and writes the checkpoints.
@@ -201,6 +201,9 @@ def test_train_then_label_jobs_on_two_nodes(cluster, s3_data, trained, capsys):
         job_id=f"label-{uuid.uuid4().hex[:6]}",
     )  # fmt: skip
     assert cluster.wait(job, timeout=300) == "SUCCEEDED", cluster.logs(job)[-5000:]
+    # By default a job's log is its own lines and progress bar, not its Ray workers' output.
+    logs = cluster.logs(job)
+    assert "label  [" in logs and "label: done in" in logs and "pid=" not in logs and "Execution plan" not in logs, logs[-3000:]
     assert_one_row_per_frame(labels, s3_data["counts"])
     # The trained model tells the generated characters apart: frame i shows class (i // 4) % 3.
     table = schema.labels_dataset(labels).to_table(columns=["frame", "label"]).to_pandas()
@@ -242,7 +245,7 @@ def test_two_jobs_on_one_output_survive_losing_a_worker_node(cluster, s3_server,
     spare = cluster.add_worker()  # the worker node that survives
     victim = next(n for n in cluster.alive_workers() if n is not spare)
     common = ["--model", trained["model"], "--frames", frames, "--output", labels, "--num-workers", "2", "--batch-size", "8"]
-    first = cluster.submit("jobs/label.py", *common, "--episodes", ",".join(ids[:6]), job_id=f"nodeloss-{uuid.uuid4().hex[:6]}")
+    first = cluster.submit("jobs/label.py", *common, "--episodes", ",".join(ids[:6]), job_id=f"nodeloss-{uuid.uuid4().hex[:6]}", verbose=True)
     cluster.wait_for_log(first, "to do", timeout=300)  # its leases are taken
     second = cluster.submit("jobs/label.py", *common, "--episodes", ",".join(ids[2:]), job_id=f"second-{uuid.uuid4().hex[:6]}")
     cluster.wait_for_log(first, "committed", timeout=300)

@@ -636,7 +636,9 @@ def test_killed_run_resumes_with_exactly_one_row_per_frame(ray_session, model_di
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--model", model_dir, "--frames", str(frames_dir),
            "--output", output, "--batch-size", "4"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    console = tmp_path / "console.txt"
+    with open(console, "wb") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     progress = os.path.join(output, "_progress")
     try:
         deadline = time.time() + 120
@@ -647,6 +649,11 @@ def test_killed_run_resumes_with_exactly_one_row_per_frame(ray_session, model_di
         assert proc.poll() is None, "the labeling subprocess ended before it could be killed"
     finally:
         _kill_session(proc)
+    # What a person saw: the project's lines and its progress bar, none of Ray's internals.
+    printed = console.read_text()
+    assert "10 to do" in printed, printed
+    for internal in ("Started a local Ray instance", "Execution plan", "logging_progress", "streaming_executor", "(MapWorker", "pid="):
+        assert internal not in printed, printed
     markers = lambda: sorted(n[: -len(".json")] for n in os.listdir(progress) if n.endswith(".json"))  # noqa: E731
     done = markers()  # (a marker being written when the kill came is a temp file, not a marker)
     committed = len(done)

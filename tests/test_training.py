@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -347,6 +348,8 @@ def test_train_two_workers_learns_and_writes_a_complete_artifact(tmp_path, ray_s
     readable = {name: int((~getattr(split, name)["uri"].str.endswith("pic_broken.jpg")).sum()) for name in ("val", "test")}
     flags = ["--weights", "none", "--val-fraction", "0.25", "--test-fraction", "0.25", "--no-tta-flip"]
     assert cli.main(_train_args(data, out, *flags, "--finetune-epochs", "6")) == 0
+    # The workers' lines reach the driver through the progress queue: one per epoch, behind a bar.
+    shown = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train  [")]
     for name in ARTIFACT_FILES:
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "metrics.json").read_text())
@@ -362,6 +365,7 @@ def test_train_two_workers_learns_and_writes_a_complete_artifact(tmp_path, ray_s
     assert not any("test" in key for row in history for key in row)
     assert [s["uri"].endswith("pic_broken.jpg") for s in summary["skipped_images"]] == [True]
     assert len(history) >= 4 and all(r["images_per_s"] > 0 for r in history)
+    assert [int(re.search(r"epoch +(\d+)/", line).group(1)) for line in shown] == list(range(1, len(history) + 1)), shown
     # The per-epoch validation (sharded over both workers) scored exactly the model that was saved.
     assert validation["accuracy"] == history[summary["best_epoch"] - 1]["val_accuracy"]
     # The default recipe: a warm-up epoch from ~0, then a cosine that falls every epoch.
