@@ -1,4 +1,4 @@
-"""Questions asked of a labels dataset: screen time, a character's frames, segments, summary.
+"""Questions asked of a labels dataset: screen time, a character's frames, segments, summary, who is on screen at a moment.
 
 Every function takes the URI of a labels output (local path or ``s3://``) in the
 layout of :mod:`simpsons_ray.schema` and returns a pandas DataFrame::
@@ -8,6 +8,7 @@ layout of :mod:`simpsons_ray.schema` and returns a pandas DataFrame::
     query.frames("out/labels", "ned_flanders", episodes=["s01e01"], limit=20)
     query.segments("out/labels", character="krusty_the_clown", max_gap_s=1.0)
     query.summary("out/labels")
+    query.at("out/labels", "s01e05", query.parse_time("12:34"))
 
 What "labelled" means: a row counts as a frame of character C when its ``label``
 is C (the labeling job already left ``label`` null below its own threshold) and

@@ -299,6 +299,8 @@ def build_report(config: ReportConfig) -> ReportResult:
     if config.thumbnails < 0:
         raise UserError(f"--thumbnails must be 0 or more, got {config.thumbnails}.")
     started = time.monotonic()
+    if config.model_uri and not storage.exists(storage.join(config.model_uri, "config.json")):  # before any label is read
+        raise UserError(f"{config.model_uri} is not a model artifact: it has no config.json; pass the --output of `simpsons-ray train`.")
     labels, facts = collect(config)
     from simpsons_ray.report_html import build_html  # the page; this module reads and reduces the labels
 

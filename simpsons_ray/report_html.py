@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from simpsons_ray import query, storage
-from simpsons_ray.errors import UserError
 from simpsons_ray.report import (
     TABLE_CHARACTERS,
     THUMBNAIL_PX,
@@ -177,12 +176,7 @@ def _thumbnails(best: pd.DataFrame) -> dict[str, str | None]:
 
 def _model_card(model_uri: str) -> str:
     """The model's own scores: test beside validation, calibration, and its pictures."""
-    from simpsons_ray.model import CONFIG_FILE
-
-    config_uri = storage.join(model_uri, CONFIG_FILE)
-    metrics_uri = storage.join(model_uri, "metrics.json")
-    if not storage.exists(config_uri):
-        raise UserError(f"{model_uri} is not a model artifact: it has no {CONFIG_FILE}; pass the --output of `simpsons-ray train`.")
+    metrics_uri = storage.join(model_uri, "metrics.json")  # build_report checked that it is an artifact
     if not storage.exists(metrics_uri):
         return f"<p>The model at {_e(model_uri)} has no metrics.json: it was not trained by this version of <code>train</code>.</p>"
     metrics = storage.read_json(metrics_uri)

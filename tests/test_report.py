@@ -125,6 +125,8 @@ def test_report_narrows_to_episodes_and_characters(dataset, tmp_path, capsys):  
     assert "character-homer_simpson" in page and "character-ned_flanders" not in page
     assert cli.main(["report", "--labels", labels, "--output", str(out), "--characters", "homer_simpsn"]) == 2
     assert "closest known names: homer_simpson" in capsys.readouterr().err
+    assert cli.main(["report", "--labels", labels, "--output", str(out), "--model", str(tmp_path)]) == 2
+    assert "is not a model artifact" in capsys.readouterr().err
 
 
 def test_report_from_s3_to_s3_says_what_local_does(dataset, s3_server, s3_bucket, tmp_path):  # noqa: F811
