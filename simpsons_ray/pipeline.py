@@ -132,7 +132,7 @@ def run_pipeline(
     fingerprints: dict[str, str] = {}  # what each episode's read tasks saw of its source
     empty: list[str] = []
 
-    bar = console.ProgressBar("label", "frames")
+    bar, seen = console.ProgressBar("label", "frames"), 0
     with _data_context(), _discard_on_failure(writers):
         dataset = _build_dataset(config, specs, preprocess, settings.model_id, grow)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -144,6 +144,7 @@ def run_pipeline(
                 if writer is None:
                     writer = writers[eid] = EpisodeWriter(layout, run_id, by_id[eid], classes, settings)
                 writer.add({k: v[episode_ids == eid] for k, v in batch.items()})
+            seen += len(batch["task"])
             tasks, counts = np.unique(batch["task"], return_counts=True)
             received.update(dict(zip(tasks.tolist(), counts.tolist())))
             ends = batch["task_end"] > 0
@@ -175,7 +176,7 @@ def run_pipeline(
                     logger.log(logging.INFO if console.verbose() else logging.DEBUG, "label: episode %s committed: %d frames, %d errors (%s)",
                                eid, marker["frames"], marker["errors"], progress.line())
             total, estimated = _frames_total(expected, len(specs))
-            bar.update(sum(received.values()), total, estimated,
+            bar.update(seen, total, estimated,
                        note=f"{progress.episodes_done}/{progress.episodes_total} episodes" + (f", {progress.errors:,} errors" if progress.errors else ""))
     bar.close(note=f"{progress.episodes_done}/{progress.episodes_total} episodes")
     if tasks_of:

@@ -180,7 +180,7 @@ def contact_sheet(frames: pd.DataFrame, uri: str, title: str = "", columns: int 
     read or decoded becomes a grey tile saying so, rather than failing the sheet.
     """
     sources = frames["source"].tolist()
-    images = _fetch_sources(sources)
+    images = fetch_sources(sources)
     width, height = contact_sheet_size(len(sources), columns)
     columns = max(1, min(columns, len(sources)))
     thumb_w, thumb_h = CONTACT_SHEET_THUMB_PX
@@ -191,13 +191,13 @@ def contact_sheet(frames: pd.DataFrame, uri: str, title: str = "", columns: int 
     for i, row in enumerate(frames.itertuples(index=False)):
         x = (i % columns) * thumb_w
         y = CONTACT_SHEET_TITLE_PX + (i // columns) * (thumb_h + CONTACT_SHEET_CAPTION_PX)
-        thumb = _thumbnail(images.get(row.source))
+        thumb = thumbnail(images.get(row.source))
         if thumb is None:
             draw.rectangle((x + 2, y + 2, x + thumb_w - 3, y + thumb_h - 3), fill=(200, 200, 200))
             draw.text((x + 10, y + thumb_h // 2 - 8), "unreadable source", fill=(90, 0, 0), font=font)
         else:
             sheet.paste(thumb, (x + (thumb_w - thumb.width) // 2, y + (thumb_h - thumb.height) // 2))
-        caption = f"{row.episode}  {_clock(row.timestamp_s, row.frame)}\nconfidence {row.confidence:.3f}"
+        caption = f"{row.episode}  {clock(row.timestamp_s, row.frame)}\nconfidence {row.confidence:.3f}"
         draw.multiline_text((x + 6, y + thumb_h + 2), caption, fill=(0, 0, 0), font=_font(13), spacing=2)
     buffer = io.BytesIO()
     fmt = "PNG" if storage.basename(uri).lower().endswith(".png") else "JPEG"
@@ -212,7 +212,7 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _clock(timestamp_s: float | None, frame: int) -> str:
+def clock(timestamp_s: float | None, frame: int) -> str:
     """``12:34.5`` (or ``1:02:03.4``), and ``frame N`` when the frame has no timestamp."""
     if timestamp_s is None or (isinstance(timestamp_s, float) and math.isnan(timestamp_s)):
         return f"frame {frame}"
@@ -221,7 +221,8 @@ def _clock(timestamp_s: float | None, frame: int) -> str:
     return f"{hours}:{minutes:02d}:{seconds:04.1f}" if hours else f"{minutes}:{seconds:04.1f}"
 
 
-def _thumbnail(data: "bytes | Image.Image | None") -> Image.Image | None:
+def thumbnail(data: "bytes | Image.Image | None") -> Image.Image | None:
+    """A contact-sheet-sized picture of an image's bytes or of a decoded frame; None where there is nothing to show."""
     if data is None:
         return None
     if isinstance(data, Image.Image):
@@ -236,7 +237,7 @@ def _thumbnail(data: "bytes | Image.Image | None") -> Image.Image | None:
     return ImageOps.contain(image, CONTACT_SHEET_THUMB_PX)
 
 
-def _fetch_sources(sources: list[str], warn: Callable[[str], None] | None = None) -> dict[str, "bytes | Image.Image | None"]:
+def fetch_sources(sources: list[str], warn: Callable[[str], None] | None = None) -> dict[str, "bytes | Image.Image | None"]:
     """Each source's image bytes, or its decoded picture for a video frame (None where unreadable).
 
     Files are read one by one, archives in one pass each, videos opened once each.

@@ -155,15 +155,15 @@ def _thumbnails(best: pd.DataFrame) -> dict[str, str | None]:
         return {}
     from PIL import ImageOps
 
-    from simpsons_ray.plots import _fetch_sources, _thumbnail
+    from simpsons_ray.plots import fetch_sources, thumbnail
 
     out: dict[str, str | None] = {}
     problems: list[str] = []
-    fetched = _fetch_sources(best["source"].tolist(), warn=problems.append)
+    fetched = fetch_sources(best["source"].tolist(), warn=problems.append)
     if problems:  # one line, not one per frame: a moved dump would otherwise flood the terminal
         log.warning("report: %d thumbnail source(s) could not be read, shown as grey tiles; the first: %s", len(problems), problems[0])
     for source, data in fetched.items():
-        image = _thumbnail(data)
+        image = thumbnail(data)
         if image is None:
             out[source] = None
             continue
@@ -457,13 +457,13 @@ def _characters(page: _Page) -> str:
     best = best_frames(page.facts, page.config.thumbnails)
     if best.empty:
         return out[0]
-    from simpsons_ray.plots import _clock
+    from simpsons_ray.plots import clock
 
     thumbs = _thumbnails(best)
     for name in page.characters:
         figures = []
         for row in best[best["character"] == name].itertuples(index=False):
-            caption = f"{row.episode} {_clock(row.timestamp_s, row.frame)} · {row.score:.3f}"
+            caption = f"{row.episode} {clock(row.timestamp_s, row.frame)} · {row.score:.3f}"
             data = thumbs.get(row.source)
             picture = (f"<img alt='{_e(name)}' src='data:image/jpeg;base64,{data}'>" if data
                        else "<div class='missing'>unreadable source</div>")

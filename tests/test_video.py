@@ -252,7 +252,7 @@ def test_contact_sheet_reads_frames_from_the_video(videos, sampled_run, tmp_path
 
     df = read_labels(sampled_run["output"])
     rows = df[df["timestamp_s"].isin([2.5, 5.0])]
-    pictures = plots._fetch_sources(rows["source"].tolist())
+    pictures = plots.fetch_sources(rows["source"].tolist())
     for row in rows.itertuples():
         picture = pictures[row.source]
         assert isinstance(picture, Image.Image), f"no frame for {row.source}"
