@@ -22,12 +22,6 @@ from simpsons_ray import cli, query, report, schema
 from test_query import CHARACTERS, ERRORS, dataset, expected_screen_time  # noqa: F401  (the four-episode labels fixture)
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-needs_browser = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="needs Chromium and chromium-driver: apt-get install chromium chromium-driver (.ci/run installs them)",
-)
 
 
 # ------------------------------------------------------------------ a multi-label labels set
@@ -145,17 +139,20 @@ def test_report_from_s3_to_s3_says_what_local_does(dataset, s3_server, s3_bucket
 # ------------------------------------------------------------------ the page in Chromium
 @pytest.fixture(scope="module")
 def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
+    # Looked up when the first browser test runs, not at collection: .ci/run installs the
+    # browser beside the first tests.
+    chromium, chromedriver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
         pytest.skip("needs Chromium and chromium-driver: apt-get install chromium chromium-driver (.ci/run installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
+    options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,2200"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     yield driver
     driver.quit()
 
@@ -180,7 +177,6 @@ def _errors(driver) -> list[dict]:
     return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
-@needs_browser
 @pytest.mark.browser
 def test_report_in_a_browser(dataset, browser, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
@@ -233,7 +229,6 @@ def test_report_in_a_browser(dataset, browser, tmp_path):  # noqa: F811
     browser.save_screenshot(os.path.join(ARTIFACTS, "report.png"))
 
 
-@needs_browser
 @pytest.mark.browser
 def test_report_with_characters_in_a_browser(multi_labels, browser, tmp_path):
     from selenium.webdriver.common.by import By
