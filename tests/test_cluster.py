@@ -248,7 +248,7 @@ def test_two_jobs_on_one_output_survive_losing_a_worker_node(cluster, s3_server,
     The second job is submitted while the first writes. Every frame ends up exactly
     once, each episode labelled by the one job that held its lease.
     """
-    counts = make_frames(str(tmp_path / "frames"), episodes=8, per_episode=120, seed=3)
+    counts = make_frames(str(tmp_path / "frames"), episodes=8, per_episode=200, seed=3)
     frames = upload_tree(s3_server.client(), s3_data["bucket"], str(tmp_path / "frames"), "frames-node-loss")
     labels = f"s3://{s3_data['bucket']}/labels-node-loss"
     ids = sorted(counts)
