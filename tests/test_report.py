@@ -2,7 +2,7 @@
 
 The browser tests drive Debian's Chromium through chromium-driver with Selenium.
 `.ci/run` installs both; locally: ``apt-get install chromium chromium-driver``. Where
-they are missing the browser tests are skipped with that sentence, never silently.
+they are missing the browser tests are skipped with that sentence; in CI (.ci/run) they fail instead.
 The screenshot lands in ``test-artifacts/`` at the repository root.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pandas as pd
@@ -140,9 +141,16 @@ def test_report_from_s3_to_s3_says_what_local_does(dataset, s3_server, s3_bucket
 @pytest.fixture(scope="module")
 def browser():
     # Looked up when the first browser test runs, not at collection: .ci/run installs the
-    # browser beside the first tests.
+    # browser beside the first tests, and says so in CI_BROWSER_INSTALL_DONE. There the
+    # tests wait for the install and fail without a browser; elsewhere they skip, saying why.
+    done = os.environ.get("CI_BROWSER_INSTALL_DONE")
+    deadline = time.monotonic() + 600
+    while done and not os.path.exists(done) and time.monotonic() < deadline:
+        time.sleep(2)
     chromium, chromedriver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
     if not (chromium and chromedriver):
+        if done:
+            pytest.fail("CI installs Chromium and chromium-driver in .ci/run, and they are missing: see /tmp/ci-apt.log")
         pytest.skip("needs Chromium and chromium-driver: apt-get install chromium chromium-driver (.ci/run installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
