@@ -146,8 +146,8 @@ class ProgressBar:
         if self.show_rate:
             parts.append(f"{rate:,.1f}/s")
         if self.total and rate > 0 and self.done < self.total:
-            parts.append(f"ETA {_clock((self.total - self.done) / rate)}")
-        parts.append(f"{_clock(elapsed)} elapsed")
+            parts.append(f"ETA {duration((self.total - self.done) / rate)}")
+        parts.append(f"{duration(elapsed)} elapsed")
         if note:
             parts.append(note)
         return "  ".join(parts)
@@ -167,8 +167,9 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
+def duration(seconds: float | None) -> str:
+    """``m:ss`` or ``h:mm:ss``, rounded to the second; ``-`` for no number."""
+    if seconds is None or not math.isfinite(seconds):
         return "-"
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)

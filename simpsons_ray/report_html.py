@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from simpsons_ray import query, storage
+from simpsons_ray.console import duration
 from simpsons_ray.report import (
     TABLE_CHARACTERS,
     THUMBNAIL_PX,
@@ -43,14 +44,6 @@ def _num(value: float, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:,.{digits}f}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds is None or math.isnan(seconds):
-        return "-"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 # matplotlib's "tab20", the palette of plots.character_colors, written out: importing
@@ -396,7 +389,7 @@ def _series_totals(page: _Page) -> str:
     series["share_of_labelled"] = series["frames"] / page.labelled if page.labelled else math.nan
     series = series.loc[page.characters].reset_index()
     return (out + _bars_svg(page.totals, page.colors, page.unit)
-            + _table(series, {"seconds": _duration, "share_of_labelled": lambda v: _num(100 * v, 1) + "%"}, "series-totals"))
+            + _table(series, {"seconds": duration, "share_of_labelled": lambda v: _num(100 * v, 1) + "%"}, "series-totals"))
 
 
 def _season_totals(page: _Page) -> str:
@@ -405,7 +398,7 @@ def _season_totals(page: _Page) -> str:
         return out
     season = page.screen.pivot_table(index="season", columns="character", values=page.measure, aggfunc="sum", fill_value=0)
     season = season[[c for c in page.characters if c in season.columns]].reset_index()
-    fmt = _duration if page.timed else (lambda v: f"{int(v):,}")
+    fmt = duration if page.timed else (lambda v: f"{int(v):,}")
     return out + _table(season, {c: fmt for c in page.characters}, "season-totals")
 
 
@@ -438,7 +431,7 @@ def _together(page: _Page) -> str:
         return out + "<p>No two characters shared a frame.</p>"
     names = [c for c in page.characters if c in set(together["a"]) | set(together["b"])]
     return (out + "<div class='heatmap'>" + _heatmap_svg(together, names, page.measure) + "</div>"
-            + "<div class='scroll'>" + _table(together, {"seconds": _duration}, "together-table") + "</div>")
+            + "<div class='scroll'>" + _table(together, {"seconds": duration}, "together-table") + "</div>")
 
 
 def _timelines(page: _Page) -> str:
