@@ -542,8 +542,11 @@ def at(
         row, asked = int(hits[0]), float("nan")
     else:
         row, asked = _row_at(episode, table, float(time_s)), float(time_s)
-    picked = table.slice(row, 1).to_pylist()[0]
-    shown = on_screen(picked, min_confidence) or [(None, picked["confidence"] if picked["characters"] is None else None)]
+    picked_table = table.slice(row, 1)
+    picked = picked_table.to_pylist()[0]
+    on = on_screen(picked_table, min_confidence)
+    shown = [(on.names[c], float(s)) for c, s in zip(on.codes, on.scores)]
+    shown = shown or [(None, picked["confidence"] if picked["characters"] is None else None)]
     rows = [
         {"episode": episode, "asked_s": asked, "frame": picked["frame"], "timestamp_s": picked["timestamp_s"],
          "character": name, "confidence": score, "source": picked["source"]}
@@ -553,19 +556,54 @@ def at(
         {"asked_s": "float64", "frame": "int64", "timestamp_s": "float64", "confidence": "float64"})
 
 
-def on_screen(row: dict, min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> list[tuple[str, float]]:
-    """(character, score) of everyone a labels row puts on screen, best first.
+@dataclass
+class OnScreen:
+    """Who a labels table puts on screen: one entry per (row, character), characters as codes into ``names``."""
 
-    A row with ``characters`` (a multi-label model) names them all; otherwise its
-    ``label`` is the one character, when its confidence reaches ``min_confidence``.
+    rows: np.ndarray  # int64 row index in the table
+    codes: np.ndarray  # int64 index into names
+    scores: np.ndarray  # float64
+    names: list[str]
+
+
+def on_screen(table: pa.Table, min_confidence: float = DEFAULT_MIN_CONFIDENCE, characters: frozenset[str] = frozenset()) -> OnScreen:
+    """Every character each row of ``table`` puts on screen, best first within a row, as codes into ``names``.
+
+    A row with a ``characters`` list (a multi-label model) names them all, each
+    counted when its score reaches ``min_confidence`` or has no score; a row without
+    one has its ``label``, counted when its ``confidence`` reaches ``min_confidence``
+    (a null confidence never does). ``characters``, when given, keeps only those names.
     """
-    names = row.get("characters")
-    if names is not None:
-        scores = row.get("character_scores") or [None] * len(names)
-        return [(n, s) for n, s in zip(names, scores) if s is None or s >= min_confidence]
-    if row.get("label") is not None and row.get("confidence") is not None and row["confidence"] >= min_confidence:
-        return [(row["label"], row["confidence"])]
-    return []
+    has_list = pc.is_valid(table["characters"])
+    row_parts, name_parts, score_parts = [], [], []
+    if pc.any(has_list).as_py():
+        listed = table.filter(has_list)
+        listed_rows = np.flatnonzero(has_list.to_numpy(zero_copy_only=False))
+        row_parts.append(listed_rows[pc.list_parent_indices(listed["characters"]).to_numpy()])
+        name_parts.append(pc.list_flatten(listed["characters"]))
+        scores = pc.list_flatten(listed["character_scores"])
+        if len(scores) != len(name_parts[-1]):  # a file without scores: every listed character counts
+            scores = pa.array(np.ones(len(name_parts[-1]), np.float32))
+        score_parts.append(scores)
+    single = pc.and_(pc.invert(has_list), pc.is_valid(table["label"]))
+    row_parts.append(np.flatnonzero(single.to_numpy(zero_copy_only=False)))
+    name_parts.append(table["label"].filter(single))
+    score_parts.append(table["confidence"].filter(single))
+    encoded = pc.dictionary_encode(pa.concat_arrays([_array(p).cast(pa.string()) for p in name_parts]))
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    dictionary = encoded.dictionary.to_pylist()
+    rows = np.concatenate(row_parts).astype(np.int64)
+    scores = np.concatenate([_array(p).to_numpy(zero_copy_only=False).astype(np.float64) for p in score_parts])
+    listed = np.arange(len(scores)) < len(scores) - len(row_parts[-1])  # the listed characters come first
+    with np.errstate(invalid="ignore"):
+        keep = (scores >= min_confidence) | (listed & np.isnan(scores))
+    if characters:
+        keep &= np.isin(codes, [i for i, n in enumerate(dictionary) if n in characters])
+    return OnScreen(rows[keep], codes[keep], scores[keep], dictionary)
+
+
+def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
 def _row_at(episode: str, table: pa.Table, time_s: float) -> int:

@@ -83,58 +83,12 @@ class EpisodeFacts:
         return frames * self.interval if self.interval is not None else math.nan
 
 
-@dataclass
-class OnScreen:
-    """Who a labels table puts on screen: one entry per (row, character), characters as codes into ``names``."""
-
-    rows: np.ndarray  # int64 row index in the table
-    codes: np.ndarray  # int64 index into names
-    scores: np.ndarray  # float64
-    names: list[str]
-
-
-def on_screen(table: pa.Table, min_confidence: float, characters: frozenset[str]) -> OnScreen:
-    """Every character each row puts on screen (see :func:`query.on_screen`), in integer codes for speed.
-
-    A row with a ``characters`` list names them all with their ``character_scores``;
-    a row without one has its ``label`` with its ``confidence``.
-    """
-    has_list = pc.is_valid(table["characters"])
-    row_parts, name_parts, score_parts = [], [], []
-    if pc.any(has_list).as_py():
-        listed = table.filter(has_list)
-        listed_rows = np.flatnonzero(has_list.to_numpy(zero_copy_only=False))
-        row_parts.append(listed_rows[pc.list_parent_indices(listed["characters"]).to_numpy()])
-        name_parts.append(pc.list_flatten(listed["characters"]))
-        scores = pc.list_flatten(listed["character_scores"])
-        if len(scores) != len(name_parts[-1]):  # a file without scores: every listed character counts
-            scores = pa.array(np.ones(len(name_parts[-1]), np.float32))
-        score_parts.append(scores)
-    single = pc.and_(pc.invert(has_list), pc.is_valid(table["label"]))
-    row_parts.append(np.flatnonzero(single.to_numpy(zero_copy_only=False)))
-    name_parts.append(table["label"].filter(single))
-    score_parts.append(table["confidence"].filter(single))
-    encoded = pc.dictionary_encode(pa.concat_arrays([_array(p).cast(pa.string()) for p in name_parts]))
-    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    dictionary = encoded.dictionary.to_pylist()
-    rows = np.concatenate(row_parts).astype(np.int64)
-    scores = np.concatenate([_array(p).to_numpy(zero_copy_only=False).astype(np.float64) for p in score_parts])
-    keep = np.nan_to_num(scores, nan=0.0) >= min_confidence
-    if characters:
-        keep &= np.isin(codes, [i for i, n in enumerate(dictionary) if n in characters])
-    return OnScreen(rows[keep], codes[keep], scores[keep], dictionary)
-
-
-def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-
-
 def episode_facts(labels: query.LabelsDataset, episode: str, config: ReportConfig) -> EpisodeFacts:
     """Read one episode once and reduce it to :class:`EpisodeFacts`."""
     columns = [c for c in _COLUMNS if c != "source" or config.thumbnails > 0]  # sources only for thumbnails
     table = query._read_episode(labels, episode, columns)
     interval = query._sampling_interval(table["timestamp_s"])
-    on = on_screen(table, config.min_confidence, frozenset(config.characters))
+    on = query.on_screen(table, config.min_confidence, frozenset(config.characters))
     names = np.asarray(on.names, dtype=object)
     frame = table["frame"].to_numpy(zero_copy_only=False).astype(np.int64)
     timestamp = table["timestamp_s"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -190,7 +144,7 @@ def episode_facts(labels: query.LabelsDataset, episode: str, config: ReportConfi
     )
 
 
-def _segments(episode: str, on: OnScreen, frame: np.ndarray, timestamp: np.ndarray, interval: float | None,
+def _segments(episode: str, on: query.OnScreen, frame: np.ndarray, timestamp: np.ndarray, interval: float | None,
               max_gap_s: float) -> pd.DataFrame:
     """On-screen segments per character, as :func:`query.segments` cuts them, from the exploded rows."""
     if not len(on.rows):
