@@ -32,19 +32,25 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
     return float(np.mean(log_norm - z[np.arange(len(labels)), labels]))
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, loss=None) -> float:
     """The T > 0 that minimises the NLL of ``labels`` (1.0 for an empty set).
 
     The NLL is convex in beta = 1/T (a log-sum-exp minus a linear term), so a
     golden-section search over log beta finds its minimum to float precision,
-    with no step size to tune and the same answer on every run.
+    with no step size to tune and the same answer on every run. (The binary
+    cross-entropy of a multi-label model is convex in beta too: a sum of
+    log(1 + e^(beta z)) - t beta z.)
+
+    ``loss(logits, labels, T)`` defaults to the softmax NLL; a multi-label model's is
+    :func:`simpsons_ray.multilabel.binary_nll` (labels are then its 0/1 targets).
     """
     if len(labels) == 0:
         return 1.0
-    labels = np.asarray(labels, dtype=np.int64)
+    loss = loss or nll
+    labels = np.asarray(labels, dtype=np.int64) if loss is nll else np.asarray(labels)
     lo, hi = np.log(_BETA_RANGE[0]), np.log(_BETA_RANGE[1])
     golden = (np.sqrt(5) - 1) / 2
-    f = lambda log_beta: nll(logits, labels, float(np.exp(-log_beta)))  # noqa: E731
+    f = lambda log_beta: loss(logits, labels, float(np.exp(-log_beta)))  # noqa: E731
     a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
     fa, fb = f(a), f(b)
     for _ in range(80):

@@ -232,6 +232,17 @@ class Artifact:
     def tta_flip(self) -> bool:
         return bool(self.config.get("tta_flip", False))
 
+    @property
+    def objective(self) -> str:
+        """"single" (softmax: one character per picture) or "multilabel" (a sigmoid per character); older artifacts are "single"."""
+        return str(self.config.get("objective", "single"))
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """A multi-label model's per-character thresholds (classes order), chosen on validation; None for "single"."""
+        values = self.config.get("thresholds")
+        return [float(v) for v in values] if values is not None else None
+
 
 def read_artifact_config(model_dir: str) -> tuple[dict[str, Any], list[str]]:
     """config.json and classes.json, with one clear error if ``model_dir`` isn't an artifact."""

@@ -17,9 +17,10 @@ from simpsons_ray import calibration, metrics, storage
 
 
 def ray_batches(dataset, batch_size: int = 128) -> Iterator[dict[str, torch.Tensor]]:
-    """A decoded Ray dataset's {"image", "label"} batches as tensors, in the driver."""
+    """A decoded Ray dataset's {"image", "label"} batches (composed frames: {"image", "target"}) as tensors, in the driver."""
     for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        yield {"image": torch.tensor(batch["image"]), "label": torch.tensor(batch["label"])}  # a copy: Ray's arrays are read-only
+        # A copy: Ray's arrays are read-only.
+        yield {k: torch.tensor(batch[k]) for k in ("image", "label", "target") if k in batch}
 
 
 def score(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], temperature: float) -> dict[str, Any]:
@@ -54,4 +55,21 @@ def write_pictures(model_dir: str, classes: list[str], history: list[dict], scor
     for name, (logits, labels) in scored.items():
         curves[f"{name}, T=1"] = calibration.reliability(calibration.softmax(logits), labels)
         curves[f"{name}, T={temperature:.2f}"] = calibration.reliability(calibration.softmax(logits, temperature), labels)
+    plots.reliability_diagram(curves, storage.join(model_dir, "reliability.png"))
+
+
+def write_multilabel_pictures(model_dir: str, classes: list[str], history: list[dict],
+                              scored: dict[str, tuple[np.ndarray, np.ndarray]], temperature: float, shown: dict[str, Any]) -> None:
+    """A multi-label model's: per_character.csv (the shown split's report and thresholds), curves.png, reliability.png."""
+    import pandas as pd
+
+    from simpsons_ray import multilabel, plots
+
+    table = pd.DataFrame.from_dict(shown["per_class"], orient="index").rename_axis("character").reset_index()
+    storage.write_bytes(storage.join(model_dir, "per_character.csv"), table.to_csv(index=False, float_format="%.4f").encode())
+    plots.training_curves(history, storage.join(model_dir, "curves.png"))
+    curves = {}
+    for name, (logits, targets) in scored.items():
+        curves[f"{name}, T=1"] = multilabel.reliability(multilabel.sigmoid(logits), targets)
+        curves[f"{name}, T={temperature:.2f}"] = multilabel.reliability(multilabel.sigmoid(logits, temperature), targets)
     plots.reliability_diagram(curves, storage.join(model_dir, "reliability.png"))

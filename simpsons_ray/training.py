@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from simpsons_ray import calibration, cluster, console, datasets, metrics, scoring, storage, training_data
+from simpsons_ray import calibration, cluster, compose, console, datasets, metrics, multilabel, scoring, storage, training_data
 from simpsons_ray.errors import UserError, storage_failure
 from simpsons_ray.model import (
     build_model,
@@ -67,6 +67,10 @@ STATE_FILE = "state.pt"
 
 _DEFAULT = RECIPES["default"]
 
+# "multilabel": a sigmoid per character, trained on composed frames of 0-3 characters
+# (simpsons_ray.compose); "single": a softmax over characters, one per picture.
+OBJECTIVES = ("multilabel", "single")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -78,6 +82,8 @@ class TrainConfig:
 
     data_uri: str = ""
     output_uri: str = ""
+    objective: str = "multilabel"  # one of OBJECTIVES
+    boxes: str = ""  # multilabel: annotation.csv; "": the one beside --data, if any; "none": no boxes
     arch: str = "resnet50"
     weights: str = "imagenet"
     image_size: int = 224
@@ -223,11 +229,17 @@ def train_one_epoch(
     preprocess: PreprocessConfig,
     recipe: StepRecipe | None = None,
 ) -> EpochStats:
-    """One pass over ``batches`` ({"image": uint8 NHWC, "label": int64}); BN of frozen stages stays frozen."""
+    """One pass over ``batches`` ({"image": uint8 NHWC, "label": int64}); BN of frozen stages stays frozen.
+
+    Batches with a multi-hot ``target`` (composed frames) train a sigmoid per
+    character with binary cross-entropy, summed over characters (label smoothing
+    and batch mixing are softmax ingredients and do not apply).
+    """
     recipe = recipe or StepRecipe()
     model.train()
     freeze_frozen_batchnorm(model)
     loss_fn = nn.CrossEntropyLoss(reduction="sum", label_smoothing=recipe.label_smoothing)
+    binary_loss = nn.BCEWithLogitsLoss(reduction="sum")
     stats = EpochStats()
     start = time.perf_counter()
     for step, batch in enumerate(batches):
@@ -236,11 +248,14 @@ def train_one_epoch(
         x = _to_input(batch["image"], device, preprocess)
         y = batch["label"].to(device, non_blocking=True)
         target = y
-        if recipe.mix is not None and recipe.mix.enabled:
+        multi = "target" in batch
+        if multi:
+            target = batch["target"].to(device, non_blocking=True)
+        elif recipe.mix is not None and recipe.mix.enabled:
             x, target = recipe.mix(x, y)  # soft targets, each row sums to 1
         with _autocast(device):
             logits = model(x)
-            loss = loss_fn(logits.float(), target)
+            loss = binary_loss(logits.float(), target) if multi else loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         (loss / len(y)).backward()
         optimizer.step()
@@ -248,8 +263,11 @@ def train_one_epoch(
             recipe.ema.update_parameters(getattr(model, "module", model))  # unwrap DDP
         # .item() is a CPU-GPU sync point; once per step is cheap next to the step.
         stats.loss_sum += loss.item()
-        truth = target.argmax(1) if target.ndim == 2 else y
-        stats.correct += int((logits.argmax(1) == truth).sum().item())
+        if multi:
+            stats.correct += int(((logits > 0) == (target > 0.5)).all(1).sum().item())  # the exact set, at 0.5
+        else:
+            truth = target.argmax(1) if target.ndim == 2 else y
+            stats.correct += int((logits.argmax(1) == truth).sum().item())
         stats.count += len(y)
     stats.seconds = time.perf_counter() - start
     return stats
@@ -264,16 +282,27 @@ def evaluate(
     num_classes: int,
     tta_flip: bool = False,
 ) -> tuple[EpochStats, np.ndarray]:
-    """Loss (plain cross-entropy, i.e. NLL), accuracy and confusion matrix over ``batches``."""
+    """Loss (plain cross-entropy, i.e. NLL), accuracy and confusion matrix over ``batches``.
+
+    Composed frames (batches with a multi-hot ``target``) give the binary NLL and
+    the exact-set accuracy at 0.5, and no confusion matrix.
+    """
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    binary_loss = nn.BCEWithLogitsLoss(reduction="sum")
     stats = EpochStats()
     matrix = torch.zeros(num_classes * num_classes, dtype=torch.int64)
     for batch in batches:
         x = _to_input(batch["image"], device, preprocess)
-        y = batch["label"].to(device)
         with _autocast(device):
             logits = _forward(model, x, tta_flip).float()
+        if "target" in batch:
+            target = batch["target"].to(device)
+            stats.loss_sum += binary_loss(logits, target).item()
+            stats.correct += int(((logits > 0) == (target > 0.5)).all(1).sum().item())
+            stats.count += len(target)
+            continue
+        y = batch["label"].to(device)
         stats.loss_sum += loss_fn(logits, y).item()
         pred = logits.argmax(1)
         stats.correct += int((pred == y).sum().item())
@@ -290,16 +319,22 @@ def predict_logits(
     preprocess: PreprocessConfig,
     tta_flip: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(logits float32 [N, classes], labels int64 [N]) over ``batches``, for metrics and calibration."""
+    """(logits float32 [N, classes], labels int64 [N]) over ``batches``, for metrics and calibration.
+
+    For composed frames (batches with ``target``) the second array is their multi-hot targets, float32 [N, classes].
+    """
     model.eval()
     logits, labels = [], []
+    multi = False
     for batch in batches:
         with _autocast(device):
             logits.append(_forward(model, _to_input(batch["image"], device, preprocess), tta_flip).float().cpu())
-        labels.append(batch["label"].cpu())
+        multi = "target" in batch
+        labels.append((batch["target"] if multi else batch["label"]).cpu())
     if not logits:
         return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy().astype(np.int64)
+    truth = torch.cat(labels).numpy()
+    return torch.cat(logits).numpy(), truth.astype(np.float32) if multi else truth.astype(np.int64)
 
 
 class EarlyStopping:
@@ -496,7 +531,9 @@ class _Worker:
         self.model, self.state = model, state
         self.phases = plan_phases(c)
         self.mix = BatchMix(self.num_classes, c.mixup_alpha, c.cutmix_alpha)
-        self.augment_collate = training_data.AugmentingCollate(c.augment)
+        self.augment_collate = training_data.AugmentingCollate(
+            c.augment, self.num_classes if c.objective == "multilabel" else None, seed=c.seed * 1009 + self.rank
+        )
         # Each worker sees about 1/world of the training images per epoch.
         self.steps_per_epoch = max(1, math.ceil(self.train_images / (c.batch_size * self.world_size)))
         while not state.done and state.phase_index < len(self.phases):
@@ -644,6 +681,10 @@ def _check_inputs(config: TrainConfig) -> None:
                                  ("--augment", config.augment.policy, AUGMENT_POLICIES), ("--recipe", config.recipe, tuple(RECIPES))):
         if value not in choices:
             raise UserError(f"{flag} {value} is not one of {', '.join(choices)}.")
+    if config.objective not in OBJECTIVES:
+        raise UserError(f"--objective {config.objective} is not one of {', '.join(OBJECTIVES)}.")
+    if config.objective == "multilabel" and (config.mixup_alpha > 0 or config.cutmix_alpha > 0):
+        raise UserError("--mixup-alpha and --cutmix-alpha mix softmax targets: use them with --objective single.")
     if not plan_phases(config):
         raise UserError("Nothing to train: --frozen-epochs and --finetune-epochs are both 0.")
     # An unknown --arch or --unfreeze stage -> one sentence now, not on the workers.
@@ -676,7 +717,8 @@ def _recorded_config(record: dict[str, Any]) -> dict[str, Any]:
     """
     legacy = "recipe" not in record
     base = TrainConfig.for_recipe("notebook", test_fraction=0.0) if legacy else TrainConfig.for_recipe(record["recipe"])
-    merged = base.to_dict() | record
+    # Records older than --objective trained a softmax.
+    merged = base.to_dict() | {"objective": "single", "boxes": ""} | record
     merged["augment"] = base.to_dict()["augment"] | record.get("augment", {})
     return merged
 
@@ -705,12 +747,36 @@ def _split(config: TrainConfig) -> tuple[datasets.Split, dict[str, int]]:
         print(f"dropped {len(dropped)} character(s) with fewer than {config.min_images_per_class} images: "
               + ", ".join(f"{k} ({v})" for k, v in dropped.items()))
     images = datasets.cap_per_class(images, config.max_images_per_class, config.seed)
+    if config.objective == "multilabel":
+        images = compose.attach_boxes(images, _boxes(config))
+        boxed = int(np.isfinite(np.stack(images["box"].to_numpy())[:, 0]).sum())
+        if boxed:
+            print(f"{boxed} of {len(images)} pictures have a box: their characters are cut to it, and the rest of the "
+                  "picture is a background for composed frames")
+        else:
+            print("no boxes for these pictures (annotation.csv): whole pictures are pasted into composed frames, and frames "
+                  "with nobody are flat colours, unlike the show's; give --boxes for real backgrounds")
     split = datasets.stratified_split(images, config.val_fraction, config.seed, config.test_fraction)
     if len(split.classes) < 2:
         raise UserError(f"Only one character ({split.classes[0]}) under {config.data_uri}: training needs at least two.")
     print(f"{len(split.train)} training, {len(split.val)} validation and {len(split.test)} test images "
           f"of {len(split.classes)} characters")
     return split, dropped
+
+
+def _boxes(config: TrainConfig):
+    """The training pictures' boxes: --boxes, else an annotation.csv beside --data; None without."""
+    if config.boxes == "none":
+        return None
+    uri = config.boxes or compose.default_boxes_uri(config.data_uri)
+    return compose.read_boxes(uri) if uri else None
+
+
+def _composed(decoded, num_classes: int, seed: int):
+    """A split's pictures as a fixed set of composed frames (image, multi-hot target): the same on every epoch and rerun."""
+    return decoded.map_batches(
+        compose.composed_eval_batch, fn_kwargs={"num_classes": num_classes, "seed": seed}, batch_size=64
+    ).materialize()
 
 
 def _epoch_of(line: str) -> int | None:
@@ -730,8 +796,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     _check_resume(config)  # before Ray starts: a refused resume should not wait for a cluster
     if not ray.is_initialized():
         console.init_ray()
-    train_ds, skipped_train = training_data.decode_or_stop(split.train, config.image_size, config.seed, "training", config.data_uri)
-    val_ds, skipped_val = training_data.decode_or_stop(split.val, config.image_size, config.seed, "validation", config.data_uri)
+    multi = config.objective == "multilabel"
+    train_ds, skipped_train = training_data.decode_or_stop(split.train, config.image_size, config.seed, "training", config.data_uri, multi)
+    val_ds, skipped_val = training_data.decode_or_stop(split.val, config.image_size, config.seed, "validation", config.data_uri, multi)
+    if multi:  # validation scores composed frames, as the model will see the show's
+        val_ds = _composed(val_ds, len(split.classes), config.seed)
     train_images = train_ds.count()
     if train_images == 0:
         raise UserError(f"None of the training images under {config.data_uri} could be decoded.")
@@ -768,8 +837,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             state = TrainState.from_bytes(f.read())
     # Decoded only now, once the model is final.
     test_ds, skipped_test = (
-        training_data.decode_or_stop(split.test, config.image_size, config.seed, "test", config.data_uri) if len(split.test) else (None, [])
+        training_data.decode_or_stop(split.test, config.image_size, config.seed, "test", config.data_uri, multi) if len(split.test) else (None, [])
     )
+    if multi and test_ds is not None:
+        test_ds = _composed(test_ds, len(split.classes), config.seed + 1)
     return _write_artifact(config, split.classes, state, val_ds, test_ds, skipped_train + skipped_val + skipped_test, dropped, wall)
 
 
@@ -781,11 +852,21 @@ def _write_artifact(config, classes, state: TrainState, val_ds, test_ds, skipped
     scored = {"validation": predict_logits(model, scoring.ray_batches(val_ds), cpu, config.preprocess, config.tta_flip)}
     if test_ds is not None:
         scored["test"] = predict_logits(model, scoring.ray_batches(test_ds), cpu, config.preprocess, config.tta_flip)
-    temperature = calibration.fit_temperature(*scored["validation"])
-    results = {name: scoring.score(logits, labels, classes, temperature) for name, (logits, labels) in scored.items()}
+    multi = config.objective == "multilabel"
+    inference = {"tta_flip": config.tta_flip, "objective": config.objective}
+    if multi:
+        # The temperature, then each character's threshold, on validation frames only: test decides nothing.
+        temperature = calibration.fit_temperature(*scored["validation"], loss=multilabel.binary_nll)
+        logits, targets = scored["validation"]
+        thresholds = multilabel.choose_thresholds(multilabel.sigmoid(logits, temperature), targets)
+        inference["thresholds"] = [round(float(t), 6) for t in thresholds]
+        results = {name: multilabel.score(lg, tg, classes, temperature, thresholds) for name, (lg, tg) in scored.items()}
+    else:
+        temperature = calibration.fit_temperature(*scored["validation"])
+        results = {name: scoring.score(logits, labels, classes, temperature) for name, (logits, labels) in scored.items()}
+    inference["temperature"] = temperature
 
     training_flags = config.to_dict() | {"phases": [dataclasses.asdict(p) for p in plan_phases(config)]}
-    inference = {"temperature": temperature, "tta_flip": config.tta_flip}
     model_id = save_artifact(
         config.output_uri, model, config.arch, classes, config.preprocess, config.head_hidden, config.dropout,
         training_flags, inference,
@@ -805,10 +886,16 @@ def _write_artifact(config, classes, state: TrainState, val_ds, test_ds, skipped
     }
     out = config.output_uri
     storage.write_json(storage.join(out, "metrics.json"), summary)
-    scoring.write_pictures(out, classes, state.history, scored, temperature)
     shown = "test" if "test" in results else "validation"
-    print(metrics.format_report(results[shown]))
-    for name, result in results.items():
-        print(scoring.format_headline(name, result))
+    if multi:
+        scoring.write_multilabel_pictures(out, classes, state.history, scored, temperature, results[shown])
+        print(multilabel.format_report(results[shown]))
+        for name, result in results.items():
+            print(multilabel.format_headline(name, result))
+    else:
+        scoring.write_pictures(out, classes, state.history, scored, temperature)
+        print(metrics.format_report(results[shown]))
+        for name, result in results.items():
+            print(scoring.format_headline(name, result))
     print(f"model {model_id} (best epoch {state.best_epoch + 1}) written to {out}")
     return summary

@@ -19,7 +19,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from simpsons_ray import storage
 from simpsons_ray.errors import StorageError, first_line
-from simpsons_ray.preprocess import AugmentConfig, ImageDecodeError, TrainAugment, load_resized
+from simpsons_ray import compose
+from simpsons_ray.preprocess import AugmentConfig, ImageDecodeError, TrainAugment, decode_rgb, load_resized
 
 
 # A read that still fails after the S3 client's own retries (~20 s) is tried again
@@ -27,14 +28,22 @@ from simpsons_ray.preprocess import AugmentConfig, ImageDecodeError, TrainAugmen
 READ_RETRY_PAUSES_S = (1.0, 4.0)
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, cells: bool = False) -> dict[str, np.ndarray]:
     """Read and decode one batch of image URIs.
 
     Bytes that do not decode are flagged in ``error`` (skipped by training); a read
     the storage keeps refusing is flagged in ``storage_error``, and stops the run
     (``decode_or_stop``): never train on less because storage was away.
+
+    With ``cells`` (multi-label training) ``image`` is the picture's character cut
+    to its ``box`` (the whole picture without one), with its ``aspect`` ratio, and
+    ``background`` the part of the picture outside the box (``has_background``):
+    what :mod:`simpsons_ray.compose` makes frames of.
     """
-    images = np.zeros((len(batch["uri"]), image_size, image_size, 3), dtype=np.uint8)
+    n = len(batch["uri"])
+    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    backgrounds = np.zeros((n, image_size, image_size, 3), dtype=np.uint8) if cells else None
+    aspects, has_background = np.ones(n, dtype=np.float32), np.zeros(n, dtype=bool)
     errors, storage_errors = [], []
     for i, uri in enumerate(batch["uri"]):
         data, why = _read(str(uri))
@@ -43,12 +52,20 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
             errors.append("")
             continue
         try:
-            images[i] = load_resized(data, image_size)
+            if cells:
+                images[i], aspects[i], background = compose.cut(decode_rgb(data), batch["box"][i], image_size)
+                if background is not None:
+                    backgrounds[i], has_background[i] = background, True
+            else:
+                images[i] = load_resized(data, image_size)
             errors.append("")
         except ImageDecodeError as exc:
             errors.append(str(exc) or type(exc).__name__)
-    return {"image": images, "label": batch["label_index"].astype(np.int64), "uri": batch["uri"],
-            "error": np.array(errors, dtype=object), "storage_error": np.array(storage_errors, dtype=object)}
+    out = {"image": images, "label": batch["label_index"].astype(np.int64), "uri": batch["uri"],
+           "error": np.array(errors, dtype=object), "storage_error": np.array(storage_errors, dtype=object)}
+    if cells:
+        out |= {"aspect": aspects, "background": backgrounds, "has_background": has_background}
+    return out
 
 
 def _read(uri: str) -> tuple[bytes, str]:
@@ -72,35 +89,52 @@ class AugmentingCollate(NumpyBatchCollateFn):
     pipeline: 5-9 s before the first batch on a 2-core machine, more than a third
     of an epoch of the benchmark. Decoding, the expensive part, stays in Ray Data
     and is done once.
+
+
+    With ``num_classes`` (multi-label training) the batch's cells are first
+    composed into frames of 0-3 characters (:mod:`simpsons_ray.compose`), which
+    are then augmented; the batch gains their multi-hot ``target``.
     """
 
-    def __init__(self, augment: AugmentConfig):
+    def __init__(self, augment: AugmentConfig, num_classes: int | None = None, seed: int = 0):
         self._augment = TrainAugment(augment)
+        self._num_classes = num_classes
+        self._rng = np.random.default_rng(seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        # Ray hands over read-only arrays; the labels are copied (a few bytes) so torch gets a writable one.
-        return {"image": torch.from_numpy(self._augment.batch(batch["image"])), "label": torch.tensor(batch["label"])}
+        if self._num_classes is None:
+            # Ray hands over read-only arrays; the labels are copied (a few bytes) so torch gets a writable one.
+            return {"image": torch.from_numpy(self._augment.batch(batch["image"])), "label": torch.tensor(batch["label"])}
+        composite = compose.compose_batch(batch, self._num_classes, self._rng)
+        return {"image": torch.from_numpy(self._augment.batch(composite.images)), "label": torch.tensor(batch["label"]),
+                "target": torch.from_numpy(composite.targets)}
 
 
-def decoded_dataset(table: pd.DataFrame, image_size: int, seed: int):
+def decoded_dataset(table: pd.DataFrame, image_size: int, seed: int, cells: bool = False):
     import ray.data
 
     # Shuffle the file list once (seeded) so that blocks mix characters; the
     # listing is sorted by folder, i.e. by class.
-    table = table.sample(frac=1.0, random_state=seed).reset_index(drop=True)[["uri", "label_index"]]
+    columns = ["uri", "label_index"] + (["box"] if cells else [])
+    table = table.sample(frac=1.0, random_state=seed).reset_index(drop=True)[columns]
+    records = table.to_dict("records")
+    if cells:
+        for r in records:
+            r["box"] = np.asarray(r["box"], dtype=np.float64)
     num_blocks = max(4, math.ceil(len(table) / 256))
     return (
-        ray.data.from_items(table.to_dict("records"), override_num_blocks=num_blocks)
-        .map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=64)
+        ray.data.from_items(records, override_num_blocks=num_blocks)
+        .map_batches(decode_batch, fn_kwargs={"image_size": image_size, "cells": cells}, batch_size=64)
         .materialize()  # decode once; every epoch re-reads these uint8 blocks
     )
 
 
-def decode_or_stop(table: pd.DataFrame, image_size: int, seed: int, what: str, data_uri: str) -> tuple[Any, list[dict[str, str]]]:
+def decode_or_stop(table: pd.DataFrame, image_size: int, seed: int, what: str, data_uri: str,
+                   cells: bool = False) -> tuple[Any, list[dict[str, str]]]:
     """Decode a split's images once and drop those that do not decode; storage that kept failing stops the run."""
     from ray.data.expressions import col
 
-    decoded = decoded_dataset(table, image_size, seed)
+    decoded = decoded_dataset(table, image_size, seed, cells)
     failed = decoded.filter(expr=col("storage_error") != "").select_columns(["uri", "storage_error"]).take_all()
     if failed:
         first = failed[0]
@@ -116,7 +150,8 @@ def drop_unreadable(decoded, what: str) -> tuple[Any, list[dict[str, str]]]:
     from ray.data.expressions import col
 
     bad = decoded.filter(expr=col("error") != "").select_columns(["uri", "error"]).take_all()
-    good = decoded.filter(expr=col("error") == "").select_columns(["image", "label"]).materialize()
+    kept = [c for c in decoded.columns() if c not in ("uri", "error", "storage_error")]
+    good = decoded.filter(expr=col("error") == "").select_columns(kept).materialize()
     skipped = [{"uri": str(r["uri"]), "error": str(r["error"])} for r in bad]
     if skipped:
         first = skipped[0]
