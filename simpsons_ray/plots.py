@@ -155,6 +155,60 @@ def segments_timeline(segments: pd.DataFrame, uri: str) -> None:
     _save_figure(fig, uri)
 
 
+TOGETHER_MAX_CHARACTERS = 30  # the characters longest on screen with others; more cells are unreadable
+TOGETHER_ANNOTATE_UP_TO = 15  # characters; beyond this the numbers no longer fit their cells
+TOGETHER_CELL_PX = 36
+TOGETHER_MARGIN_PX = 260  # names on both axes, the title and the colour bar
+
+
+def together_heatmap_size(characters: int) -> tuple[int, int]:
+    """Pixel size of :func:`together_heatmap` for that many characters (before TOGETHER_MAX_CHARACTERS applies)."""
+    n = min(max(characters, 2), TOGETHER_MAX_CHARACTERS)
+    side = TOGETHER_MARGIN_PX + TOGETHER_CELL_PX * n
+    return side + 120, side  # the colour bar takes the extra width
+
+
+def together_heatmap(together: pd.DataFrame, uri: str, title: str = "On screen together") -> None:
+    """A symmetric character x character grid of the time each pair shares the screen (``query.together``'s table).
+
+    Cells are seconds when every pair has seconds, frames otherwise (as in
+    :func:`screen_time_chart`); the diagonal is blank. Characters are ordered by
+    their total time with others, and only the TOGETHER_MAX_CHARACTERS first are
+    drawn; with up to TOGETHER_ANNOTATE_UP_TO of them each cell shows its number.
+    """
+    names = pd.concat([together["a"], together["b"]]).unique() if len(together) else []
+    fig = _new_figure(*together_heatmap_size(len(names)))
+    ax = fig.subplots()
+    if together.empty:
+        ax.text(0.5, 0.5, "no characters on screen together", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        ax.set_title(title)
+        _save_figure(fig, uri)
+        return
+    use_seconds = bool(together["seconds"].notna().all())
+    value = "seconds" if use_seconds else "frames"
+    both_ways = pd.concat([together[["a", "b", value]], together[["b", "a", value]].set_axis(["a", "b", value], axis=1)])
+    matrix = both_ways.pivot_table(index="a", columns="b", values=value, aggfunc="sum", fill_value=0.0)
+    order = matrix.sum(axis=1).sort_values(ascending=False, kind="stable").index[:TOGETHER_MAX_CHARACTERS].tolist()
+    matrix = np.array(matrix.reindex(index=order, columns=order, fill_value=0.0), dtype=float)  # a writable copy
+    np.fill_diagonal(matrix, np.nan)
+    image = ax.imshow(matrix, cmap="Oranges", vmin=0, vmax=np.nanmax(matrix) or 1.0)
+    n = len(order)
+    ax.set_xticks(range(n), order, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), order, fontsize=8)
+    fig.colorbar(image, ax=ax, label="seconds together" if use_seconds else "frames together", shrink=0.8)
+    if n <= TOGETHER_ANNOTATE_UP_TO:
+        top = np.nanmax(matrix) or 1.0
+        for i in range(n):
+            for j in range(n):
+                if i != j and matrix[i, j] > 0:
+                    text = f"{matrix[i, j]:.0f}" if not use_seconds or matrix[i, j] >= 10 else f"{matrix[i, j]:.1f}"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if matrix[i, j] > top / 2 else "black")
+    shown = f" (the {n} of {len(names)} characters longest on screen with others)" if n < len(names) else ""
+    ax.set_title(title + shown)
+    _save_figure(fig, uri)
+
+
 CONTACT_SHEET_THUMB_PX = (240, 180)  # 4:3; wider frames are letterboxed inside
 CONTACT_SHEET_CAPTION_PX = 36
 CONTACT_SHEET_TITLE_PX = 32

@@ -1,4 +1,4 @@
-"""Questions asked of a labels dataset: screen time, a character's frames, segments, summary, who is on screen at a moment.
+"""Questions asked of a labels dataset: screen time, a character's frames, segments, who is on screen together, summary, who is on screen at a moment.
 
 Every function takes the URI of a labels output (local path or ``s3://``) in the
 layout of :mod:`simpsons_ray.schema` and returns a pandas DataFrame::
@@ -7,13 +7,21 @@ layout of :mod:`simpsons_ray.schema` and returns a pandas DataFrame::
     query.screen_time("out/labels", min_confidence=0.6)
     query.frames("out/labels", "ned_flanders", episodes=["s01e01"], limit=20)
     query.segments("out/labels", character="krusty_the_clown", max_gap_s=1.0)
+    query.together("out/labels", character="homer_simpson")
     query.summary("out/labels")
     query.at("out/labels", "s01e05", query.parse_time("12:34"))
+    query.screen_time("out/labels", nobody=True)  # adds a "(nobody)" row per episode
 
-What "labelled" means: a row counts as a frame of character C when its ``label``
-is C (the labeling job already left ``label`` null below its own threshold) and
-its ``confidence`` is at least ``min_confidence``. A row with a null label or a
-null confidence is never labelled.
+Who a row puts on screen (:func:`on_screen`, the one rule every question and the
+report use): a row with a ``characters`` list (a multi-label model) puts each
+listed character on screen whose score in ``character_scores`` is at least
+``min_confidence``, so two characters on one frame both get the frame, and an
+empty list means nobody. A row without a list (a single-label model's older
+outputs) puts its ``label`` on screen when its ``confidence`` is at least
+``min_confidence`` (the labeling job already left ``label`` null below its own
+threshold; a null label or a null confidence is nobody). A row that puts nobody
+on screen is what ``nobody=True`` (``--nobody``) counts, under the same
+``min_confidence``.
 
 Time: each frame stands for its episode's sampling interval, the median gap
 between the episode's consecutive distinct timestamps (all rows, labelled or
@@ -62,14 +70,19 @@ READ_THREADS = min(8, 2 * (os.cpu_count() or 1))
 # Timestamps come from frame / fps in floating point; gaps within this of the
 # sampling interval are the same gap.
 _TIME_EPSILON_S = 1e-6
+# The character of --nobody's rows: parentheses keep it apart from any class name a model can have.
+NOBODY = "(nobody)"
+# The columns that say who a row puts on screen (see on_screen).
+_ON_SCREEN_COLUMNS = ["label", "confidence", "characters", "character_scores"]
 
-QUESTIONS = ("screen-time", "frames", "segments", "summary", "at")
+QUESTIONS = ("screen-time", "frames", "segments", "together", "summary", "at")
 FORMATS = ("table", "csv", "json", "parquet")
 SEGMENT_EXPORTS = ("srt", "vtt", "edl")  # segments only: see simpsons_ray.exports
 
 SCREEN_TIME_COLUMNS = ["episode", "character", "frames", "seconds", "share"]
 FRAMES_COLUMNS = ["episode", "frame", "timestamp_s", "confidence", "source"]
 SEGMENTS_COLUMNS = ["episode", "character", "start_s", "end_s", "duration_s", "frames", "first_frame", "last_frame"]
+TOGETHER_COLUMNS = ["a", "b", "frames", "seconds", "episodes"]
 SUMMARY_COLUMNS = ["episode", "frames", "labelled_frames", "error_rows", "mean_confidence", "model_ids"]
 AT_COLUMNS = ["episode", "asked_s", "frame", "timestamp_s", "character", "confidence", "source"]
 
@@ -223,7 +236,7 @@ def _check_min_confidence(min_confidence: float) -> float:
 
 
 def _labelled(min_confidence: float, character: str | None = None) -> pc.Expression:
-    """The row filter that defines a labelled frame (see the module docstring)."""
+    """The scan filter of the rows whose ``label`` puts someone on screen when they have no ``characters`` list (see :func:`on_screen`)."""
     expr = pc.field("label").is_valid() & (pc.field("confidence") >= pc.scalar(min_confidence))
     if character is not None:
         expr = expr & (pc.field("label") == pc.scalar(character))
@@ -263,12 +276,21 @@ def _suggestions(name: str, known: Iterable[str]) -> str:
 
 
 def known_characters(labels: str | LabelsDataset, episodes: Iterable[str] | None = None) -> list[str]:
-    """Every distinct ``label`` in the dataset (or in the given episodes), sorted."""
+    """Every distinct ``label`` or listed character in the dataset (or in the given episodes), sorted.
+
+    Listed characters count too: a multi-label model may name a character on many
+    frames without it ever being a frame's top-1 ``label``.
+    """
     labels = _as_labels(labels)
     selected = _select_episodes(labels, episodes)
+
+    def one_episode(episode: str) -> list[str]:
+        table = _read_episode(labels, episode, ["label", "characters"])
+        return pc.unique(pa.chunked_array([*table["label"].chunks, *pc.list_flatten(table["characters"]).chunks], pa.string())).to_pylist()
+
     names: set[str] = set()
-    for part in _map_episodes(selected, lambda e: pc.unique(_read_episode(labels, e, ["label"])["label"])):
-        names.update(v for v in part.to_pylist() if v is not None)
+    for part in _map_episodes(selected, one_episode):
+        names.update(v for v in part if v is not None)
     return sorted(names)
 
 
@@ -279,36 +301,50 @@ def _check_character(labels: LabelsDataset, character: str) -> None:
 
 
 # ----------------------------------------------------------------------- queries
+def _check_nobody(character: str | None, nobody: bool) -> None:
+    if nobody and character is not None:
+        raise UserError("--nobody counts the frames with no character on screen: drop --character, or drop --nobody.")
+
+
 def screen_time(
     labels: str | LabelsDataset,
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
     episodes: Iterable[str] | None = None,
     character: str | None = None,
+    nobody: bool = False,
 ) -> pd.DataFrame:
-    """Per episode and character: ``frames``, ``seconds`` and ``share`` of the episode's labelled frames.
+    """Per episode and character: ``frames``, ``seconds`` and ``share`` of the frames with anyone on screen.
 
-    ``seconds`` is frames x the episode's sampling interval (null without
-    timestamps). ``share`` is relative to all labelled frames of the episode,
-    also when ``character`` keeps only one character's rows.
+    A frame counts for every character it puts on screen (:func:`on_screen`), so
+    with a multi-label model shares add up to more than 1 where characters share
+    frames; for single-label outputs they add up to 1. ``seconds`` is frames x the
+    episode's sampling interval (null without timestamps). ``share`` is relative
+    to the episode's frames with at least one character, also when ``character``
+    keeps only one character's rows. ``nobody`` adds a row per episode whose
+    character is :data:`NOBODY`, with the frames that put nobody on screen (its
+    share is null: those frames are not part of the share's whole).
     """
     labels = _as_labels(labels)
     min_confidence = _check_min_confidence(min_confidence)
+    _check_nobody(character, nobody)
     selected = _select_episodes(labels, episodes)
 
     def one_episode(episode: str) -> pd.DataFrame:
-        table = _read_episode(labels, episode, ["timestamp_s", "label", "confidence"])
+        table = _read_episode(labels, episode, ["timestamp_s", *_ON_SCREEN_COLUMNS])
         interval = _sampling_interval(table["timestamp_s"])
-        counts = table.filter(_labelled_mask(table, min_confidence)).group_by("label").aggregate([([], "count_all")])
-        result = pd.DataFrame(
-            {
-                "episode": episode,
-                "character": counts["label"].to_pylist(),
-                "frames": counts["count_all"].to_numpy().astype(np.int64),
-            }
-        )
+        on = on_screen(table, min_confidence)
+        counts = np.bincount(on.codes, minlength=len(on.names)).astype(np.int64)
+        present = np.flatnonzero(counts)
+        someone = _rows_with_someone(table.num_rows, on)
+        names, frame_counts = np.asarray(on.names, dtype=object)[present], counts[present]
+        share = frame_counts / someone.sum()  # with nobody on screen there is no count to divide
+        if nobody:
+            names = np.append(names, NOBODY)
+            frame_counts = np.append(frame_counts, np.int64(table.num_rows - someone.sum()))
+            share = np.append(share, np.nan)
+        result = pd.DataFrame({"episode": episode, "character": names, "frames": frame_counts})
         result["seconds"] = result["frames"] * interval if interval is not None else np.nan
-        total = result["frames"].sum()
-        result["share"] = result["frames"] / total if total else np.nan
+        result["share"] = share
         return result
 
     parts = [p for p in _map_episodes(selected, one_episode) if len(p)]
@@ -323,27 +359,52 @@ def screen_time(
 
 def frames(
     labels: str | LabelsDataset,
-    character: str,
+    character: str | None,
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
     episodes: Iterable[str] | None = None,
     limit: int | None = None,
+    nobody: bool = False,
 ) -> pd.DataFrame:
     """That character's frames: episode, frame, timestamp_s, confidence, source; best first.
 
-    Ties in confidence keep episode and frame order. ``limit`` keeps the best N,
-    selected per episode before the results meet, so a small N stays small.
+    ``confidence`` is the character's score on the frame: its ``character_scores``
+    entry where the row lists characters, else the row's top-1 confidence. With
+    ``nobody`` (and no character) the frames that put nobody on screen, their
+    ``confidence`` the row's top-1 confidence, so the frames that came closest to
+    naming someone come first. Ties in confidence keep episode and frame order.
+    ``limit`` keeps the best N, selected per episode before the results meet, so
+    a small N stays small.
     """
     labels = _as_labels(labels)
     min_confidence = _check_min_confidence(min_confidence)
+    _check_nobody(character, nobody)
+    if character is None and not nobody:
+        raise UserError("`query frames` needs --character NAME, or --nobody for the frames with no character on screen.")
     selected = _select_episodes(labels, episodes)
     if limit is not None and limit <= 0:
         raise UserError(f"--limit must be a positive number of rows, got {limit}.")
-    row_filter = _labelled(min_confidence, character)
+    # A listed row may name the character whatever its label; an unlisted row must carry it as its label.
+    # Frames with nobody can't be told apart in the scan (a null confidence is nobody too).
+    row_filter = None if nobody else pc.field("characters").is_valid() | _labelled(min_confidence, character)
     sort_keys = [("confidence", "descending"), ("episode", "ascending"), ("frame", "ascending")]
 
     def one_episode(episode: str) -> pa.Table:
-        table = _read_episode(labels, episode, FRAMES_COLUMNS[1:], row_filter)
-        table = table.add_column(0, "episode", pa.repeat(pa.scalar(episode, pa.string()), table.num_rows))
+        table = _read_episode(labels, episode, ["frame", "timestamp_s", "source", *_ON_SCREEN_COLUMNS], row_filter)
+        if nobody:
+            on = nobody_on_screen(table, on_screen(table, min_confidence))
+        else:
+            on = on_screen(table, min_confidence, frozenset([character]))
+        rows = pa.array(on.rows, pa.int64())
+        table = pa.table(
+            {
+                "episode": pa.repeat(pa.scalar(episode, pa.string()), len(on.rows)),
+                "frame": table["frame"].take(rows),
+                "timestamp_s": table["timestamp_s"].take(rows),
+                # float32 like the stored scores, so a score prints as the labels hold it.
+                "confidence": pa.array(on.scores.astype(np.float32), pa.float32(), from_pandas=True),
+                "source": table["source"].take(rows),
+            }
+        )
         if limit is not None and table.num_rows > limit:
             table = table.take(pc.sort_indices(table, sort_keys=sort_keys)[:limit])
         return table
@@ -353,7 +414,7 @@ def frames(
     table = table.take(pc.sort_indices(table, sort_keys=sort_keys))
     if limit is not None:
         table = table.slice(0, limit)
-    if table.num_rows == 0:
+    if table.num_rows == 0 and not nobody:
         _check_character(labels, character)
     return table.to_pandas().reset_index(drop=True)
 
@@ -364,39 +425,29 @@ def segments(
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
     max_gap_s: float = DEFAULT_MAX_GAP_S,
     episodes: Iterable[str] | None = None,
+    nobody: bool = False,
 ) -> pd.DataFrame:
-    """Continuous on-screen intervals per episode and character.
+    """Continuous on-screen intervals per episode and character (see :func:`segments_on_screen`).
 
-    Each labelled frame covers ``[t, t + interval)``, where ``interval`` is the
-    episode's sampling interval; a segment runs from its first frame's start to
-    its last frame's end, so ``duration_s = end_s - start_s`` counts the last
-    frame's interval too, and one frame alone lasts one interval. Two frames of a
-    character join when the time neither covers, ``t2 - (t1 + interval)``, is at
-    most ``max_gap_s``. Without timestamps the times are null and only frames that
-    are adjacent in the dump join. ``frames`` counts the labelled frames inside.
+    Every character a frame puts on screen has the frame in its segments. With
+    ``nobody`` (and no character) the stretches where nobody is on screen, as
+    segments of the character :data:`NOBODY`.
     """
     labels = _as_labels(labels)
     min_confidence = _check_min_confidence(min_confidence)
+    _check_nobody(character, nobody)
     if max_gap_s < 0 or math.isnan(max_gap_s):
         raise UserError(f"--max-gap-s must be zero or more seconds, got {max_gap_s}.")
     selected = _select_episodes(labels, episodes)
 
     def one_episode(episode: str) -> pd.DataFrame:
-        table = _read_episode(labels, episode, ["frame", "timestamp_s", "label", "confidence"])
-        interval = _sampling_interval(table["timestamp_s"])
-        frame_all = table["frame"].to_numpy(zero_copy_only=False).astype(np.float64)
-        mask = _labelled_mask(table, min_confidence)
-        if character is not None:
-            mask = pc.and_(mask, pc.fill_null(pc.equal(table["label"], character), False))
-        table = table.filter(mask)
-        if interval is not None:
-            table = table.filter(pc.is_valid(table["timestamp_s"]))
-            position = table["timestamp_s"].to_numpy(zero_copy_only=False).astype(np.float64)
-            step, allowed_gap = interval, max_gap_s
-        else:
-            position = table["frame"].to_numpy(zero_copy_only=False).astype(np.float64)
-            step, allowed_gap = _frame_step(frame_all), 0.0
-        return _segments_of(episode, table, position, step, allowed_gap, timed=interval is not None)
+        table = _read_episode(labels, episode, ["frame", "timestamp_s", *_ON_SCREEN_COLUMNS])
+        on = on_screen(table, min_confidence, frozenset([character]) if character is not None else frozenset())
+        if nobody:
+            on = nobody_on_screen(table, on)
+        frame = table["frame"].to_numpy(zero_copy_only=False).astype(np.int64)
+        timestamp = table["timestamp_s"].to_numpy(zero_copy_only=False).astype(np.float64)
+        return segments_on_screen(episode, on, frame, timestamp, _sampling_interval(table["timestamp_s"]), max_gap_s)
 
     parts = [p for p in _map_episodes(selected, one_episode) if len(p)]
     result = _concat(
@@ -409,45 +460,32 @@ def segments(
     return result
 
 
-def _segments_of(
-    episode: str, table: pa.Table, position: np.ndarray, step: float, allowed_gap: float, timed: bool
+def together(
+    labels: str | LabelsDataset,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    episodes: Iterable[str] | None = None,
+    character: str | None = None,
 ) -> pd.DataFrame:
-    """Runs of one episode's labelled rows: same character, gaps within ``allowed_gap``."""
-    if table.num_rows == 0:
-        return pd.DataFrame(columns=SEGMENTS_COLUMNS)
-    encoded = pc.dictionary_encode(table["label"]).combine_chunks()
-    codes = encoded.indices.to_numpy().astype(np.int64)
-    names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
-    frame = table["frame"].to_numpy(zero_copy_only=False).astype(np.int64)
-    order = np.lexsort((frame, position, codes))
-    codes, position, frame = codes[order], position[order], frame[order]
-    # The time between the end of one frame's interval and the start of the next.
-    uncovered = np.diff(position) - step
-    tolerance = _TIME_EPSILON_S if timed else 1e-9
-    starts = np.concatenate(([True], (np.diff(codes) != 0) | (uncovered > allowed_gap + tolerance)))
-    segment_id = np.cumsum(starts) - 1
-    first = np.flatnonzero(starts)
-    last = np.concatenate((first[1:] - 1, [len(codes) - 1]))
-    count = np.bincount(segment_id).astype(np.int64)
-    # In time (or frame) order, then by name; sorted here in numpy, which is several
-    # times faster than sorting the DataFrame's string columns.
-    name_rank = np.argsort(np.argsort(names, kind="stable"), kind="stable")
-    by = np.lexsort((name_rank[codes[first]], position[first] if timed else frame[first]))
-    first, last, count = first[by], last[by], count[by]
-    start = position[first]
-    end = position[last] + step
-    return pd.DataFrame(
-        {
-            "episode": episode,
-            "character": names[codes[first]],
-            "start_s": start if timed else np.nan,
-            "end_s": end if timed else np.nan,
-            "duration_s": (end - start) if timed else np.nan,
-            "frames": count,
-            "first_frame": frame[first],
-            "last_frame": frame[last],
-        }
-    )
+    """Each pair of characters on screen together: a, b (a < b), frames, seconds, episodes; longest first.
+
+    Only a multi-label output (a ``characters`` column) can put two characters on
+    one frame; a single-label output has no pairs. See :func:`together_across` for
+    the seconds. ``character`` keeps the pairs it is in.
+    """
+    labels = _as_labels(labels)
+    min_confidence = _check_min_confidence(min_confidence)
+    selected = _select_episodes(labels, episodes)
+
+    def one_episode(episode: str) -> tuple[str, pd.DataFrame, float | None]:
+        table = _read_episode(labels, episode, ["timestamp_s", *_ON_SCREEN_COLUMNS])
+        return episode, pairs_on_screen(on_screen(table, min_confidence)), _sampling_interval(table["timestamp_s"])
+
+    result = together_across(_map_episodes(selected, one_episode))
+    if character is not None:
+        result = result[(result["a"] == character) | (result["b"] == character)].reset_index(drop=True)
+        if result.empty:
+            _check_character(labels, character)
+    return result
 
 
 def summary(
@@ -457,7 +495,8 @@ def summary(
 ) -> pd.DataFrame:
     """Per episode: frames (rows), labelled frames, error rows, mean confidence and model ids.
 
-    ``mean_confidence`` is the mean top-1 confidence over all the episode's rows,
+    ``labelled_frames`` counts the frames with at least one character on screen (the
+    rule of :func:`on_screen`). ``mean_confidence`` is the mean top-1 confidence over all the episode's rows,
     labelled or not; ``model_ids`` lists the distinct model ids, comma-separated.
     Episodes whose every frame failed appear with their error rows and 0 frames.
     """
@@ -470,13 +509,13 @@ def summary(
     selected = _select_episodes(labels, [e for e in episodes if e not in error_only] if episodes is not None else None)
 
     def one_episode(episode: str) -> dict:
-        table = _read_episode(labels, episode, ["label", "confidence", "model_id"])
+        table = _read_episode(labels, episode, ["label", "confidence", "characters", "character_scores", "model_id"])
         model_ids = sorted(v for v in pc.unique(table["model_id"]).to_pylist() if v is not None)
         mean = pc.mean(table["confidence"]).as_py()
         return {
             "episode": episode,
             "frames": table.num_rows,
-            "labelled_frames": int(pc.sum(_labelled_mask(table, min_confidence)).as_py() or 0),
+            "labelled_frames": len(np.unique(on_screen(table, min_confidence).rows)),
             "mean_confidence": np.nan if mean is None else float(mean),
             "model_ids": ",".join(model_ids),
         }
@@ -602,6 +641,129 @@ def on_screen(table: pa.Table, min_confidence: float = DEFAULT_MIN_CONFIDENCE, c
     return OnScreen(rows[keep], codes[keep], scores[keep], dictionary)
 
 
+def _rows_with_someone(rows: int, on: OnScreen) -> np.ndarray:
+    """A mask of the ``rows`` rows: True where ``on`` puts at least one character on screen."""
+    someone = np.zeros(rows, dtype=bool)
+    someone[on.rows] = True
+    return someone
+
+
+def nobody_on_screen(table: pa.Table, on: OnScreen) -> OnScreen:
+    """The rows of ``table`` where ``on`` (every character, unfiltered) puts nobody, as the one character :data:`NOBODY`.
+
+    Each row's score is its top-1 ``confidence`` (NaN where null), so the frames
+    that came closest to naming someone can be told from the empty ones.
+    """
+    rows = np.flatnonzero(~_rows_with_someone(table.num_rows, on))
+    confidence = table["confidence"].to_numpy(zero_copy_only=False).astype(np.float64)
+    return OnScreen(rows, np.zeros(len(rows), np.int64), confidence[rows], [NOBODY])
+
+
+def segments_on_screen(
+    episode: str, on: OnScreen, frame: np.ndarray, timestamp: np.ndarray, interval: float | None, max_gap_s: float
+) -> pd.DataFrame:
+    """One episode's on-screen segments per character (SEGMENTS_COLUMNS), from who its rows put on screen.
+
+    ``frame`` and ``timestamp`` hold the episode's column for every row, as
+    ``on.rows`` index them; ``interval`` is its sampling interval (None without
+    timestamps). Each frame of a character covers ``[t, t + interval)``; a segment
+    runs from its first frame's start to its last frame's end, so ``duration_s =
+    end_s - start_s`` counts the last frame's interval too, and one frame alone
+    lasts one interval. Two frames of a character join when the time neither
+    covers, ``t2 - (t1 + interval)``, is at most ``max_gap_s``. Without timestamps
+    the times are null and only frames adjacent in the dump join (the dump's step
+    is the median gap between the episode's frame numbers). ``frames`` counts the
+    character's frames inside. Sorted by start (first frame untimed), then name.
+    """
+    rows, codes = on.rows, on.codes
+    timed = interval is not None
+    if timed:
+        known = ~np.isnan(timestamp[rows])
+        rows, codes = rows[known], codes[known]
+        position, step, allowed_gap, tolerance = timestamp[rows], interval, max_gap_s, _TIME_EPSILON_S
+    else:
+        position, step, allowed_gap, tolerance = frame[rows].astype(np.float64), _frame_step(frame), 0.0, 1e-9
+    if not len(rows):
+        return pd.DataFrame(columns=SEGMENTS_COLUMNS)
+    names = np.asarray(on.names, dtype=object)
+    frame = frame[rows]
+    order = np.lexsort((frame, position, codes))
+    codes, position, frame = codes[order], position[order], frame[order]
+    # The time between the end of one frame's interval and the start of the next.
+    uncovered = np.diff(position) - step
+    starts = np.concatenate(([True], (np.diff(codes) != 0) | (uncovered > allowed_gap + tolerance)))
+    segment_id = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    last = np.concatenate((first[1:] - 1, [len(codes) - 1]))
+    count = np.bincount(segment_id).astype(np.int64)
+    # In time (or frame) order, then by name; sorted here in numpy, which is several
+    # times faster than sorting the DataFrame's string columns.
+    name_rank = np.argsort(np.argsort(names, kind="stable"), kind="stable")
+    by = np.lexsort((name_rank[codes[first]], position[first] if timed else frame[first]))
+    first, last, count = first[by], last[by], count[by]
+    start = position[first]
+    end = position[last] + step
+    return pd.DataFrame(
+        {
+            "episode": episode,
+            "character": names[codes[first]],
+            "start_s": start if timed else np.nan,
+            "end_s": end if timed else np.nan,
+            "duration_s": (end - start) if timed else np.nan,
+            "frames": count,
+            "first_frame": frame[first],
+            "last_frame": frame[last],
+        }
+    )
+
+
+def pairs_on_screen(on: OnScreen) -> pd.DataFrame:
+    """a, b, frames: for each pair of characters (a < b) that ``on`` puts on one row, how many rows."""
+    order = np.argsort(on.rows, kind="stable")
+    rows, codes = on.rows[order], on.codes[order]
+    shared = np.zeros(len(rows), dtype=bool)  # the entries of rows with two or more characters
+    same = rows[1:] == rows[:-1]
+    shared[1:] |= same
+    shared[:-1] |= same
+    if not shared.any():
+        return pd.DataFrame({"a": pd.Series(dtype=object), "b": pd.Series(dtype=object), "frames": pd.Series(dtype=np.int64)})
+    names = np.asarray(on.names, dtype=object)
+    alphabetical = np.argsort(names, kind="stable")
+    rank = np.argsort(alphabetical, kind="stable")  # code -> its place in name order
+    entries = pd.DataFrame({"row": rows[shared], "rank": rank[codes[shared]]})
+    joined = entries.merge(entries, on="row")  # every two characters of a row, both ways and each with itself
+    a, b = joined["rank_x"].to_numpy(), joined["rank_y"].to_numpy()
+    keep = a < b
+    pair, frames = np.unique(a[keep] * len(names) + b[keep], return_counts=True)
+    return pd.DataFrame(
+        {"a": names[alphabetical[pair // len(names)]], "b": names[alphabetical[pair % len(names)]], "frames": frames.astype(np.int64)}
+    )
+
+
+def together_across(episodes: Iterable[tuple[str, pd.DataFrame, float | None]]) -> pd.DataFrame:
+    """TOGETHER_COLUMNS from each episode's (episode, :func:`pairs_on_screen` table, sampling interval).
+
+    ``seconds`` sums each episode's frames x its interval; a pair seen in an episode
+    without timestamps has null seconds rather than the seconds of its timed
+    episodes alone. ``episodes`` counts the episodes the pair shares. Longest
+    first, then most frames, then by names.
+    """
+    parts = [
+        pairs.assign(seconds=pairs["frames"] * (np.nan if interval is None else interval), episode=episode)
+        for episode, pairs, interval in episodes
+        if len(pairs)
+    ]
+    dtypes = {"frames": "int64", "seconds": "float64", "episodes": "int64"}
+    if not parts:
+        return _concat([], TOGETHER_COLUMNS, dtypes)
+    joined = pd.concat(parts, ignore_index=True)
+    grouped = joined.assign(untimed=joined["seconds"].isna()).groupby(["a", "b"])
+    result = grouped.agg(frames=("frames", "sum"), seconds=("seconds", "sum"), untimed=("untimed", "any"), episodes=("episode", "nunique"))
+    result.loc[result["untimed"], "seconds"] = np.nan
+    result = result.reset_index().sort_values(["seconds", "frames", "a", "b"], ascending=[False, False, True, True], kind="stable")
+    return result[TOGETHER_COLUMNS].astype(dtypes).reset_index(drop=True)
+
+
 def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
@@ -679,18 +841,22 @@ class QueryConfig:
     time: str | None = None  # at: seconds, MM:SS or HH:MM:SS
     frame: int | None = None  # at: a dump's frame number instead of a time
     timecode_fps: float | None = None  # segments: add SMPTE timecodes at this rate; the EDL's rate
+    nobody: bool = False  # screen-time, segments, frames: the frames with no character on screen
 
     def __post_init__(self) -> None:
         if self.question not in QUESTIONS:
             raise UserError(f"Unknown question {self.question!r}: ask one of {', '.join(QUESTIONS)}.")
-        if self.question == "frames" and not self.character:
-            raise UserError("`query frames` needs --character NAME.")
+        if self.nobody and self.question not in ("screen-time", "segments", "frames"):
+            raise UserError(f"--nobody applies to screen-time, segments and frames, not to `query {self.question}`.")
+        _check_nobody(self.character, self.nobody)
+        if self.question == "frames" and not self.character and not self.nobody:
+            raise UserError("`query frames` needs --character NAME, or --nobody for the frames with no character on screen.")
         if self.question == "at" and len(self.episodes) != 1:
             raise UserError("`query at` needs exactly one --episode ID, and --time (12:34 or 754.2) or --frame N.")
         if self.question != "at" and (self.time is not None or self.frame is not None):
             raise UserError("--time and --frame apply to `query at` only.")
-        if self.plot_uri and self.question not in ("screen-time", "segments"):
-            raise UserError("--plot draws screen-time or segments; for frames use --contact-sheet.")
+        if self.plot_uri and self.question not in ("screen-time", "segments", "together"):
+            raise UserError("--plot draws screen-time, segments or together; for frames use --contact-sheet.")
         if self.contact_sheet_uri and self.question != "frames":
             raise UserError("--contact-sheet applies to `query frames` only.")
         if self.timecode_fps is not None and self.question != "segments":
@@ -720,11 +886,13 @@ def ask(config: QueryConfig) -> pd.DataFrame:
     """Answer the config's question as a DataFrame (no output written)."""
     episodes = list(config.episodes) or None
     if config.question == "screen-time":
-        return screen_time(config.labels_uri, config.min_confidence, episodes, config.character)
+        return screen_time(config.labels_uri, config.min_confidence, episodes, config.character, config.nobody)
     if config.question == "frames":
-        return frames(config.labels_uri, config.character, config.min_confidence, episodes, config.limit)
+        return frames(config.labels_uri, config.character, config.min_confidence, episodes, config.limit, config.nobody)
+    if config.question == "together":
+        return together(config.labels_uri, config.min_confidence, episodes, config.character)
     if config.question == "segments":
-        result = segments(config.labels_uri, config.character, config.min_confidence, config.max_gap_s, episodes)
+        result = segments(config.labels_uri, config.character, config.min_confidence, config.max_gap_s, episodes, config.nobody)
         if config.timecode_fps is not None and config.resolved_format not in SEGMENT_EXPORTS:
             from simpsons_ray import exports
 
@@ -757,6 +925,8 @@ def run_query(config: QueryConfig, stdout: TextIO | None = None) -> pd.DataFrame
 
         if config.question == "screen-time":
             plots.screen_time_chart(result, config.plot_uri)
+        elif config.question == "together":
+            plots.together_heatmap(result, config.plot_uri)
         else:
             plots.segments_timeline(result, config.plot_uri)
         log.info("wrote the chart to %s", config.plot_uri)
@@ -764,7 +934,8 @@ def run_query(config: QueryConfig, stdout: TextIO | None = None) -> pd.DataFrame
         from simpsons_ray import plots
 
         best = result.head(config.limit or DEFAULT_CONTACT_SHEET_FRAMES)
-        plots.contact_sheet(best, config.contact_sheet_uri, title=f"{config.character}: best {len(best)} frames")
+        who = NOBODY if config.nobody else config.character
+        plots.contact_sheet(best, config.contact_sheet_uri, title=f"{who}: best {len(best)} frames")
         log.info("wrote the contact sheet to %s", config.contact_sheet_uri)
     return result
 

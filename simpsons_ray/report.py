@@ -100,17 +100,9 @@ def episode_facts(labels: query.LabelsDataset, episode: str, config: ReportConfi
     screen = pd.DataFrame({"character": names[present], "frames": counts[present].astype(np.int64)})
     screen = screen.sort_values("character", kind="stable").reset_index(drop=True)
 
-    unique_rows, per_row = np.unique(on.rows, return_counts=True)
-    shared = np.isin(on.rows, unique_rows[per_row > 1])
-    if shared.any():
-        multi = pd.DataFrame({"row": on.rows[shared], "code": on.codes[shared]})
-        joined = multi.merge(multi, on="row", suffixes=("_a", "_b"))
-        a, b = names[joined["code_a"].to_numpy()], names[joined["code_b"].to_numpy()]
-        pairs = pd.DataFrame({"a": a, "b": b})[a < b].groupby(["a", "b"]).size().rename("frames").reset_index()
-    else:
-        pairs = pd.DataFrame({"a": pd.Series(dtype=object), "b": pd.Series(dtype=object), "frames": pd.Series(dtype=np.int64)})
-
-    segments = _segments(episode, on, frame, timestamp, interval, config.max_gap_s)
+    unique_rows = np.unique(on.rows)
+    pairs = query.pairs_on_screen(on)
+    segments = query.segments_on_screen(episode, on, frame, timestamp, interval, config.max_gap_s)
 
     chosen: list[np.ndarray] = []
     if config.thumbnails > 0:
@@ -142,23 +134,6 @@ def episode_facts(labels: query.LabelsDataset, episode: str, config: ReportConfi
         segments=segments,
         best=best,
     )
-
-
-def _segments(episode: str, on: query.OnScreen, frame: np.ndarray, timestamp: np.ndarray, interval: float | None,
-              max_gap_s: float) -> pd.DataFrame:
-    """On-screen segments per character, as :func:`query.segments` cuts them, from the exploded rows."""
-    if not len(on.rows):
-        return pd.DataFrame(columns=query.SEGMENTS_COLUMNS)
-    rows, codes = on.rows, on.codes
-    if interval is not None:
-        timed = ~np.isnan(timestamp[rows])
-        rows, codes = rows[timed], codes[timed]
-        position, step, gap = timestamp[rows], interval, max_gap_s
-    else:
-        position, step, gap = frame[rows].astype(np.float64), query._frame_step(frame), 0.0
-    label = pa.DictionaryArray.from_arrays(pa.array(codes, pa.int64()), pa.array(on.names, pa.string()))
-    table = pa.table({"label": label, "frame": pa.array(frame[rows])})
-    return query._segments_of(episode, table, position, step, gap, timed=interval is not None)
 
 
 def _failed_episode(episode: str, error_rows: int) -> EpisodeFacts:
@@ -204,14 +179,8 @@ def screen_table(facts: list[EpisodeFacts]) -> pd.DataFrame:
 
 
 def together_table(facts: list[EpisodeFacts]) -> pd.DataFrame:
-    """a, b, frames, seconds, episodes: how long each pair of characters shared the screen."""
-    parts = [f.pairs.assign(seconds=f.seconds(1.0) * f.pairs["frames"], episode=f.episode) for f in facts if len(f.pairs)]
-    if not parts:
-        return pd.DataFrame(columns=["a", "b", "frames", "seconds", "episodes"])
-    joined = pd.concat(parts, ignore_index=True)
-    out = joined.groupby(["a", "b"]).agg(frames=("frames", "sum"), seconds=("seconds", lambda s: s.sum(min_count=1)),
-                                        episodes=("episode", "nunique")).reset_index()
-    return out.sort_values(["seconds", "frames", "a", "b"], ascending=[False, False, True, True], kind="stable").reset_index(drop=True)
+    """a, b, frames, seconds, episodes: how long each pair of characters shared the screen (as `query together` counts it)."""
+    return query.together_across((f.episode, f.pairs, f.interval) for f in facts)
 
 
 def quality_table(facts: list[EpisodeFacts]) -> pd.DataFrame:

@@ -3,7 +3,9 @@
 The dataset is written exactly as the labels schema says (episode=<id>/*.parquet
 without the episode column, _errors/*.parquet), with episodes sampled one frame in
 five at 24 fps, every frame at 25 fps, and without timestamps, so seconds, shares
-and segment times are checked against numbers known by construction.
+and segment times are checked against numbers known by construction. A second,
+multi-label dataset lists every character on screen (shared frames, empty frames)
+beside an older single-label episode, and is checked against pandas explode/merge.
 """
 
 from __future__ import annotations
@@ -68,15 +70,15 @@ def _episode_rows(episode: str, index: int, frames_root: str) -> pd.DataFrame:
     )
 
 
-def write_labels(root: str, rows: pd.DataFrame, parts_per_episode: int = 2) -> None:
+def write_labels(root: str, rows: pd.DataFrame, parts_per_episode: int = 2, file_schema: pa.Schema = schema.LABELS_FILE_SCHEMA) -> None:
     """The labeling job's layout: episode=<id>/part-N.parquet (no episode column inside)."""
     for episode, group in rows.groupby("episode"):
         folder = os.path.join(root, f"episode={episode}")
         os.makedirs(folder, exist_ok=True)
         bounds = np.linspace(0, len(group), parts_per_episode + 1).astype(int)
         for n in range(parts_per_episode):
-            chunk = group.drop(columns="episode").iloc[bounds[n] : bounds[n + 1]]
-            table = pa.Table.from_pandas(chunk, schema=schema.LABELS_FILE_SCHEMA, preserve_index=False)
+            chunk = group[file_schema.names].iloc[bounds[n] : bounds[n + 1]]
+            table = pa.Table.from_pandas(chunk, schema=file_schema, preserve_index=False)
             pq.write_table(table, os.path.join(folder, f"part-{n}.parquet"))
 
 
@@ -142,15 +144,21 @@ def expected_screen_time(rows: pd.DataFrame, min_confidence: float) -> pd.DataFr
     return counts.sort_values(["episode", "frames", "character"], ascending=[True, False, True]).reset_index(drop=True)
 
 
-def expected_segments(rows: pd.DataFrame, min_confidence: float, max_gap_s: float) -> pd.DataFrame:
-    """A plain loop: walk each character's frames in time order, cut where the gap is too long."""
+def expected_segments(rows: pd.DataFrame, min_confidence: float, max_gap_s: float, appearances: pd.DataFrame | None = None) -> pd.DataFrame:
+    """A plain loop: walk each character's frames in time order, cut where the gap is too long.
+
+    ``appearances`` (episode, frame, timestamp_s, character) says who is on which
+    frame; by default the labelled rows.
+    """
+    if appearances is None:
+        appearances = _labelled(rows, min_confidence).rename(columns={"label": "character"})
     out = []
     for episode, group in rows.groupby("episode"):
         interval = _interval(group["timestamp_s"])
         timed = not np.isnan(interval)
         step = interval if timed else float(np.median(np.diff(np.unique(group["frame"]))))
         allowed = max_gap_s if timed else 0.0
-        for character, mine in _labelled(group, min_confidence).groupby("label"):
+        for character, mine in appearances[appearances["episode"] == episode].groupby("character"):
             mine = mine.sort_values("frame")
             times = (mine["timestamp_s"] if timed else mine["frame"]).tolist()
             frames = mine["frame"].tolist()
@@ -350,6 +358,213 @@ def test_queries_read_s3_like_local(dataset, s3_server, s3_bucket, tmp_path):
     assert _tiles_unreadable(sheet, 8) == [False] * 8
 
 
+# -------------------------------------------------- multi-label labels: everyone on screen
+# episode -> (rows, frame step, fps or None, whether the files have `characters` lists)
+MULTI_EPISODES = {
+    "s04e01": (240, 5, 24.0, True),  # one frame in five at 24 fps: 5/24 s per frame
+    "s04e02": (200, 1, 25.0, True),
+    "s04e03": (120, 1, None, True),  # labelled without --fps: no seconds
+    "s04e04": (160, 1, 8.0, False),  # an older single-label file beside them: no list columns
+}
+SIDEKICK = CHARACTERS[4]  # listed on shared frames only, always below the top-1: never a `label`
+
+
+def _multi_label_rows(episode: str, index: int) -> pd.DataFrame:
+    """Four characters coming and going in runs of their own, so frames are shared and some hold nobody, and a
+    sidekick who only ever joins them."""
+    rows, step, fps, listed = MULTI_EPISODES[episode]
+    rng = np.random.default_rng(200 + index)
+    frame = np.arange(rows, dtype=np.int64) * step
+    present = np.zeros((rows, len(CHARACTERS)), dtype=bool)
+    for j in range(len(CHARACTERS)):
+        start, on = 0, bool(rng.integers(0, 2))
+        while start < rows:
+            run = int(rng.integers(1, 20))
+            present[start : start + run, j] = on
+            start, on = start + run, not on
+    # Scores are float32 values, as the files hold them, so pandas and the query see the same numbers.
+    score = rng.uniform(0.2, 1.0, present.shape).astype(np.float32)
+    present[:, 4] &= present[:, :4].any(axis=1)
+    top = np.where(present[:, :4], score[:, :4], 0).max(axis=1)
+    score[:, 4] = (top * rng.uniform(0.3, 0.95, rows)).astype(np.float32)
+    characters, scores = [], []
+    for i in range(rows):
+        who = [j for j in np.argsort(-score[i], kind="stable") if present[i, j]]
+        characters.append([CHARACTERS[j] for j in who])
+        scores.append([float(score[i, j]) for j in who])
+    top1 = rng.uniform(0.05, 0.5, rows).astype(np.float32)  # nobody listed: the model's best guess, unlisted
+    confidence = np.array([s[0] if s else float(top1[i]) for i, s in enumerate(scores)], dtype=np.float32)
+    return pd.DataFrame(
+        {
+            "episode": episode,
+            "frame": frame,
+            "timestamp_s": frame / fps if fps else np.full(rows, np.nan),
+            "source": [f"/nowhere/{episode}/{f:06d}.jpg" for f in frame],
+            "label": [c[0] if c else None for c in characters],
+            "confidence": confidence,
+            "top_labels": [c[:1] or [CHARACTERS[0]] for c in characters],
+            "top_scores": [[float(c)] for c in confidence],
+            "model_id": "resnet50-multi",
+            "characters": characters if listed else None,
+            "character_scores": scores if listed else None,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def multi_dataset(tmp_path_factory):
+    """(labels URI, the rows written) for three multi-label episodes and one single-label episode."""
+    root = str(tmp_path_factory.mktemp("multi") / "labels")
+    rows = pd.concat([_multi_label_rows(e, i) for i, e in enumerate(MULTI_EPISODES)], ignore_index=True)
+    listed = rows["episode"].map(lambda e: MULTI_EPISODES[e][3])
+    write_labels(root, rows[listed], file_schema=pa.schema([*schema.LABELS_FILE_SCHEMA, *schema.OPTIONAL_FILE_SCHEMA]))
+    write_labels(root, rows[~listed])
+    return root, rows
+
+
+def expected_on_screen(rows: pd.DataFrame, min_confidence: float) -> pd.DataFrame:
+    """episode, frame, timestamp_s, source, character, score: a row per character a frame puts on screen."""
+    columns = ["episode", "frame", "timestamp_s", "source", "character", "score"]
+    listed = rows[rows["characters"].notna()].explode(["characters", "character_scores"]).dropna(subset=["characters"])
+    listed = listed.rename(columns={"characters": "character", "character_scores": "score"})
+    listed = listed[listed["score"].astype(float) >= min_confidence]
+    single = _labelled(rows[rows["characters"].isna()], min_confidence).rename(columns={"label": "character", "confidence": "score"})
+    return pd.concat([listed[columns], single[columns]], ignore_index=True).astype({"score": float})
+
+
+def expected_nobody(rows: pd.DataFrame, min_confidence: float) -> pd.DataFrame:
+    """The rows that put nobody on screen, as the character "(nobody)"."""
+    seen = expected_on_screen(rows, min_confidence)
+    someone = pd.MultiIndex.from_frame(rows[["episode", "frame"]]).isin(pd.MultiIndex.from_frame(seen[["episode", "frame"]]))
+    return rows[~someone].assign(character=query.NOBODY)
+
+
+def expected_multi_screen_time(rows: pd.DataFrame, min_confidence: float, nobody: bool = False) -> pd.DataFrame:
+    on = expected_on_screen(rows, min_confidence)
+    intervals = rows.groupby("episode")["timestamp_s"].apply(_interval)
+    counts = on.groupby(["episode", "character"]).size().rename("frames").reset_index()
+    someone = on.drop_duplicates(["episode", "frame"]).groupby("episode").size()
+    counts["share"] = counts["frames"] / counts["episode"].map(someone)
+    if nobody:
+        empty = expected_nobody(rows, min_confidence).groupby("episode").size().reindex(sorted(MULTI_EPISODES), fill_value=0)
+        counts = pd.concat([counts, pd.DataFrame({"episode": empty.index, "character": query.NOBODY, "frames": empty.values, "share": np.nan})])
+    counts["seconds"] = counts["frames"] * counts["episode"].map(intervals)
+    counts = counts.sort_values(["episode", "frames", "character"], ascending=[True, False, True])
+    return counts[query.SCREEN_TIME_COLUMNS].reset_index(drop=True)
+
+
+def expected_together(rows: pd.DataFrame, min_confidence: float) -> pd.DataFrame:
+    """Pairs from exploding each frame's characters and joining a frame with itself; seconds per episode's interval."""
+    on = expected_on_screen(rows, min_confidence)[["episode", "frame", "character"]]
+    pairs = on.merge(on, on=["episode", "frame"], suffixes=("_a", "_b"))
+    pairs = pairs[pairs["character_a"] < pairs["character_b"]].rename(columns={"character_a": "a", "character_b": "b"})
+    per_episode = pairs.groupby(["a", "b", "episode"]).size().rename("frames").reset_index()
+    per_episode["seconds"] = per_episode["frames"] * per_episode["episode"].map(rows.groupby("episode")["timestamp_s"].apply(_interval))
+    result = per_episode.groupby(["a", "b"]).agg(
+        frames=("frames", "sum"), seconds=("seconds", lambda s: s.sum(skipna=False)), episodes=("episode", "nunique")
+    )
+    result = result.reset_index().sort_values(["seconds", "frames", "a", "b"], ascending=[False, False, True, True])
+    return result[query.TOGETHER_COLUMNS].reset_index(drop=True)
+
+
+def test_a_shared_frame_counts_for_both_characters(tmp_path):
+    """Three frames at 4 fps: [homer, bart], [homer], []: homer has two frames, bart one, nobody one."""
+    rows = pd.DataFrame(
+        {
+            "episode": "e1",
+            "frame": [0, 1, 2],
+            "timestamp_s": [0.0, 0.25, 0.5],
+            "source": "x.jpg",
+            "label": ["homer", "homer", None],
+            "confidence": np.float32([0.9, 0.8, 0.3]),
+            "top_labels": [["homer"]] * 3,
+            "top_scores": [[0.9]] * 3,
+            "model_id": "m",
+            "characters": [["homer", "bart"], ["homer"], []],
+            "character_scores": [[0.9, 0.7], [0.8], []],
+        }
+    )
+    write_labels(str(tmp_path), rows, parts_per_episode=1, file_schema=pa.schema([*schema.LABELS_FILE_SCHEMA, *schema.OPTIONAL_FILE_SCHEMA]))
+    screen = query.screen_time(str(tmp_path), nobody=True)
+    assert screen[["character", "frames", "seconds", "share"]].values.tolist() == [
+        ["homer", 2, 0.5, 1.0], ["(nobody)", 1, 0.25, pytest.approx(np.nan, nan_ok=True)], ["bart", 1, 0.25, 0.5]
+    ]
+    segs = query.segments(str(tmp_path))
+    assert segs[["character", "start_s", "end_s", "frames"]].values.tolist() == [["bart", 0.0, 0.25, 1], ["homer", 0.0, 0.5, 2]]
+    bart = query.frames(str(tmp_path), "bart")
+    assert bart[["frame", "confidence"]].values.tolist() == [[0, pytest.approx(0.7)]]  # bart's own score, not the top-1's
+    assert query.together(str(tmp_path))[["a", "b", "frames", "seconds", "episodes"]].values.tolist() == [["bart", "homer", 1, 0.25, 1]]
+    # Above bart's score he leaves the frame, and nobody is with homer.
+    assert query.together(str(tmp_path), min_confidence=0.75).empty
+
+
+@pytest.mark.parametrize("min_confidence", [0.0, 0.5])
+def test_multi_label_screen_time_counts_everyone_on_screen(multi_dataset, min_confidence):
+    labels_uri, rows = multi_dataset
+    result = query.screen_time(labels_uri, min_confidence=min_confidence)
+    pd.testing.assert_frame_equal(result, expected_multi_screen_time(rows, min_confidence), check_dtype=False)
+    shares = result.groupby("episode")["share"].sum()
+    # Shared frames count for each character on them: more than the whole in the multi-label episodes...
+    assert (shares[["s04e01", "s04e02", "s04e03"]] > 1.05).all()
+    # ...and exactly the whole in the single-label one, which reads as it always did.
+    assert shares["s04e04"] == pytest.approx(1.0)
+    # The sidekick is never anyone's top-1 label and still has his screen time and his frames.
+    assert SIDEKICK not in set(rows["label"]) and (result["character"] == SIDEKICK).any()
+    sidekick = query.frames(labels_uri, SIDEKICK, min_confidence=min_confidence)
+    on = expected_on_screen(rows, min_confidence)
+    expected = on[on["character"] == SIDEKICK].rename(columns={"score": "confidence"})
+    expected = expected.sort_values(["confidence", "episode", "frame"], ascending=[False, True, True])[query.FRAMES_COLUMNS]
+    pd.testing.assert_frame_equal(sidekick, expected.reset_index(drop=True), check_dtype=False)
+
+
+@pytest.mark.parametrize("min_confidence,max_gap_s", [(0.0, 0.0), (0.5, 1.0)])
+def test_multi_label_segments_match_a_plain_loop(multi_dataset, min_confidence, max_gap_s):
+    labels_uri, rows = multi_dataset
+    result = query.segments(labels_uri, min_confidence=min_confidence, max_gap_s=max_gap_s)
+    appearances = expected_on_screen(rows, min_confidence)
+    pd.testing.assert_frame_equal(_sorted_segments(result), expected_segments(rows, min_confidence, max_gap_s, appearances), check_dtype=False)
+    # Each character's frames are in its segments, so a shared frame is in two or more.
+    assert result["frames"].sum() == len(appearances) > appearances.drop_duplicates(["episode", "frame"]).shape[0]
+
+
+def test_together_matches_pandas_with_each_episodes_interval(multi_dataset):
+    labels_uri, rows = multi_dataset
+    # Two timed episodes at 5/24 s and 1/25 s per frame: seconds weigh each episode's frames by its own interval.
+    timed = ["s04e01", "s04e02"]
+    result = query.together(labels_uri, episodes=timed)
+    expected = expected_together(rows[rows["episode"].isin(timed)], 0.0)
+    assert len(expected) == 10  # every pair of the five characters shares some frame
+    pd.testing.assert_frame_equal(result, expected, check_dtype=False)
+    assert result["seconds"].notna().all() and (result["episodes"] == 2).all()
+    one = query.together(labels_uri, episodes=["s04e01"])
+    np.testing.assert_allclose(one["seconds"], one["frames"] * 5 / 24)
+    # With the untimed episode a pair's seconds are unknown, and its frames still count; the single-label
+    # episode has no pairs at all.
+    everything = query.together(labels_uri, min_confidence=0.5)
+    pd.testing.assert_frame_equal(everything, expected_together(rows, 0.5), check_dtype=False)
+    assert everything["seconds"].isna().all() and everything["frames"].sum() > 0
+    assert query.together(labels_uri, episodes=["s04e04"]).empty
+    # --character keeps the pairs it is in.
+    homer = query.together(labels_uri, episodes=timed, character="homer_simpson")
+    pd.testing.assert_frame_equal(homer, expected[(expected["a"] == "homer_simpson") | (expected["b"] == "homer_simpson")].reset_index(drop=True), check_dtype=False)
+    assert len(homer) == 4
+
+
+@pytest.mark.parametrize("min_confidence", [0.0, 0.5])
+def test_nobody_screen_time_segments_and_frames_match_pandas(multi_dataset, min_confidence):
+    labels_uri, rows = multi_dataset
+    screen = query.screen_time(labels_uri, min_confidence=min_confidence, nobody=True)
+    pd.testing.assert_frame_equal(screen, expected_multi_screen_time(rows, min_confidence, nobody=True), check_dtype=False)
+    empty = expected_nobody(rows, min_confidence)
+    assert screen.loc[screen["character"] == query.NOBODY, "frames"].sum() == len(empty) > 0
+    segs = query.segments(labels_uri, min_confidence=min_confidence, nobody=True)
+    pd.testing.assert_frame_equal(_sorted_segments(segs), expected_segments(rows, min_confidence, 1.0, empty), check_dtype=False)
+    assert set(segs["character"]) == {query.NOBODY}
+    best = query.frames(labels_uri, None, min_confidence=min_confidence, nobody=True, limit=15)
+    expected = empty.sort_values(["confidence", "episode", "frame"], ascending=[False, True, True])[query.FRAMES_COLUMNS]
+    pd.testing.assert_frame_equal(best, expected.head(15).reset_index(drop=True), check_dtype=False)
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_table_is_the_default(dataset, capsys):
     labels_uri, _ = dataset
@@ -416,6 +631,29 @@ def test_cli_contact_sheet_of_the_best_frames(dataset, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1 + 9
     with Image.open(sheet) as image:
         assert image.format == "JPEG" and image.size == plots.contact_sheet_size(9)
+
+
+def test_cli_together_table_and_heat_map(multi_dataset, tmp_path):
+    labels_uri, rows = multi_dataset
+    heat, output = str(tmp_path / "heat.png"), str(tmp_path / "together.csv")
+    assert cli.main(["query", "together", "--labels", labels_uri, "--episode", "s04e01,s04e02", "--plot", heat, "--output", output]) == 0
+    got = pd.read_csv(output)
+    pd.testing.assert_frame_equal(got, expected_together(rows[rows["episode"].isin(["s04e01", "s04e02"])], 0.0), check_dtype=False)
+    with Image.open(heat) as image:
+        assert image.format == "PNG" and image.size == plots.together_heatmap_size(5)
+        assert len(set(image.convert("RGB").getdata())) > 10  # cells were drawn, not a blank page
+
+
+def test_cli_nobody_frames_in_old_single_label_labels(dataset, capsys):
+    """In a single-label output nobody is where the label is null or under --min-confidence."""
+    labels_uri, rows = dataset
+    assert cli.main(["query", "frames", "--labels", labels_uri, "--nobody", "--min-confidence", "0.6", "--episode", "s01e02", "--format", "csv"]) == 0
+    got = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    mine = rows[rows["episode"] == "s01e02"]
+    empty = mine[mine["label"].isna() | (mine["confidence"] < 0.6)]
+    assert sorted(got["frame"]) == sorted(empty["frame"]) and len(got) > 0
+    assert (got["confidence"].diff().dropna() <= 0).all()  # the frames that came closest to naming someone first
+    assert query.together(labels_uri).empty  # one label per frame: nobody shares it
 
 
 def test_contact_sheet_reads_files_and_archive_members_and_marks_missing_ones(dataset, tmp_path):
@@ -497,3 +735,9 @@ def test_error_misused_flags(dataset, capsys):
     assert "--output" in _error(capsys, ["query", "summary", "--labels", labels_uri, "--format", "parquet"])
     assert "--contact-sheet" in _error(capsys, ["query", "summary", "--labels", labels_uri, "--contact-sheet", "x.jpg"])
     assert "between 0 and 1" in _error(capsys, ["query", "screen-time", "--labels", labels_uri, "--min-confidence", "1.5"])
+    assert "--nobody" in _error(capsys, ["query", "frames", "--labels", labels_uri, "--nobody", "--character", "ned_flanders"])
+    for question in ("summary", "together"):
+        assert f"--nobody applies to screen-time, segments and frames, not to `query {question}`" in _error(
+            capsys, ["query", question, "--labels", labels_uri, "--nobody"])
+    assert "--nobody applies" in _error(capsys, ["query", "at", "--labels", labels_uri, "--episode", "s01e01", "--time", "0", "--nobody"])
+    assert "--plot" in _error(capsys, ["query", "summary", "--labels", labels_uri, "--plot", "x.png"])
