@@ -61,6 +61,8 @@ def boxed_folder(root: str, work: str, characters: int | None, unboxed: int) -> 
         names = boxes["character"].value_counts().index[:characters].sort_values().tolist()
     boxed = set(boxes["path"].map(compose.picture_key))
     data = os.path.join(work, "data")
+    if os.path.isdir(data):  # a rerun into the same --work
+        return data, compose.read_boxes(os.path.join(data, compose.ANNOTATION_FILE))
     for name in names:
         os.makedirs(os.path.join(data, name))
         folder = os.path.join(root, "train", name)
@@ -99,7 +101,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2400, help="test frames composed (validation: half as many)")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--arms", nargs="+", default=["multilabel", "single"])
+    parser.add_argument("--arms", nargs="+", default=["multilabel", "single"],
+                        help="multilabel, single, and multilabel-ft: multilabel from the single model's weights (after single)")
+    parser.add_argument("--ft-epochs", type=int, nargs=2, default=(2, 4), metavar=("FROZEN", "FINETUNE"),
+                        help="multilabel-ft's two phases (default 2 4)")
     parser.add_argument("--work", help="keep the data links and models here (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 characters, 32 px, 2 epochs, 200 frames")
     args = parser.parse_args()
@@ -113,7 +118,20 @@ def main() -> None:
                 finetune_epochs=args.epochs, batch_size=64, seed=args.seed, patience=args.epochs)
     rows, per_character, trained = [], {}, {}
     for arm in args.arms:
-        config = TrainConfig.for_recipe("default", output_uri=os.path.join(work, f"model-{arm}"), objective=arm, **base)
+        settings = dict(base, objective=arm)
+        if arm == "multilabel-ft":
+            # The single model's backbone as the pretrained one, as ImageNet's would be: the head on
+            # the frozen backbone, then the last two stages too (the two phases of `train`).
+            settings.update(objective="multilabel", weights=os.path.join(work, "model-single", "model.pt"),
+                            frozen_epochs=args.ft_epochs[0], finetune_epochs=args.ft_epochs[1], unfreeze=("layer3", "layer4"),
+                            patience=sum(args.ft_epochs))
+        config = TrainConfig.for_recipe("default", output_uri=os.path.join(work, f"model-{arm}"), **settings)
+        done = os.path.join(config.output_uri, "metrics.json")
+        if os.path.exists(done):  # trained by an earlier run into the same --work: scored again, not retrained
+            summary = json.load(open(done))
+            trained[arm] = {"wall_s": summary["wall_time_s"], "images_per_s": summary["train_images_per_s_mean"],
+                            "per_epoch": [round(r["images_per_s"], 1) for r in summary["history"]], "best_epoch": summary["best_epoch"]}
+            continue
         start = time.perf_counter()
         summary = train(config)
         trained[arm] = {"wall_s": time.perf_counter() - start, "images_per_s": summary["train_images_per_s_mean"],
@@ -129,7 +147,7 @@ def main() -> None:
                                          artifact.preprocess.image_size, args.seed + (name == "test"), boxes)
                   for name in ("validation", "test")}
         scores = {name: composite_scores(artifact, f) for name, f in frames.items()}
-        readings = [("thresholds" if arm == "multilabel" else "top-1", None)]
+        readings = [("thresholds" if arm.startswith("multilabel") else "top-1", None)]
         if arm == "single":
             readings.append((f"top-1 >= {best_cut(artifact, frames['validation'], scores['validation']):.2f}", None))
             readings[-1] = (readings[-1][0], float(readings[-1][0].split(">= ")[1]))
@@ -150,7 +168,7 @@ def main() -> None:
     print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("\ntest frames on screen per character (seconds, one second a frame):")
     print(pd.DataFrame(per_character).to_string(float_format=lambda v: f"{v:.0f}"))
-    if "multilabel" in trained and "single" in trained:
+    if "multilabel" in trained and "single" in trained:  # the same epochs, the same pictures
         ratio = trained["multilabel"]["images_per_s"] / trained["single"]["images_per_s"]
         print(f"\ntraining images/s: multilabel (composition) {trained['multilabel']['images_per_s']:.1f}, "
               f"single {trained['single']['images_per_s']:.1f}: {ratio:.2f}x")

@@ -113,8 +113,8 @@ def background_region(width: int, height: int, box) -> tuple[int, int, int, int]
     x1, y1, x2, y2 = (float(v) for v in box)
     if not np.isfinite([x1, y1, x2, y2]).all():
         return None
-    x1, x2 = int(np.floor(max(0.0, x1))), int(np.ceil(min(float(width), x2)))
-    y1, y2 = int(np.floor(max(0.0, y1))), int(np.ceil(min(float(height), y2)))
+    x1, x2 = (int(np.clip(v, 0, width)) for v in (np.floor(x1), np.ceil(x2)))
+    y1, y2 = (int(np.clip(v, 0, height)) for v in (np.floor(y1), np.ceil(y2)))
     strips = [(0, 0, x1, height), (x2, 0, width, height), (0, 0, width, y1), (0, y2, width, height)]
     strips = [s for s in strips if s[2] - s[0] >= MIN_BACKGROUND_SIDE and s[3] - s[1] >= MIN_BACKGROUND_SIDE]
     if not strips:

@@ -3,7 +3,8 @@
 Runs on a local Ray with local files and no cloud account; a few minutes on 2 CPUs.
 Everything lands under ``--output``::
 
-    data/train/<character>/*.jpg     generated training images (Kaggle layout)
+    data/train/<character>/*.jpg     generated training images (Kaggle layout), one character each
+    data/train/annotation.csv        their characters' boxes, as the Kaggle dataset's author gives them
     frames/s01e01/frame_*.jpg        a frame dump: one episode as a folder,
     frames/s01e02.tar                one as a tar,
     frames/s01e03.tar.gz             one as a tar.gz (frames in a subfolder)
@@ -24,7 +25,7 @@ import numpy as np
 
 from simpsons_ray import plots, query, report
 from simpsons_ray.labeling import LabelConfig, label
-from simpsons_ray.synthetic import class_image, encode, write_class_folders
+from simpsons_ray.synthetic import encode, scene_image, write_class_folders
 from simpsons_ray.training import TrainConfig, train
 
 FPS = 24.0
@@ -41,16 +42,17 @@ class DemoConfig:
     num_workers: int = 2
 
 
-def episode_frames(characters: int, frames: int, seed: int) -> list[tuple[int, int, bytes]]:
-    """(frame number, character index, jpeg) for one episode: scenes of 6-20 kept frames each."""
+def episode_frames(characters: int, frames: int, seed: int) -> list[tuple[int, tuple[int, ...], bytes]]:
+    """(frame number, characters on screen, jpeg) for one episode: scenes of 6-20 kept frames with nobody, one or two characters."""
     rng = np.random.default_rng(seed)
     out, number = [], 0
     while len(out) < frames:
-        who = int(rng.integers(characters))
+        count = int(rng.choice(3, p=[0.15, 0.55, 0.3]))
+        who = tuple(int(k) for k in rng.choice(characters, size=count, replace=False))
         for _ in range(int(rng.integers(6, 20))):
             if len(out) == frames:
                 break
-            out.append((number, who, encode(class_image(who, rng, 48))))
+            out.append((number, who, encode(scene_image(list(who), rng, 48))))
             number += KEEP_EVERY
     return out
 
@@ -82,7 +84,7 @@ def run_demo(config: DemoConfig) -> None:
 
     print(f"== 1/4 generating {len(config.characters)} characters x {config.images_per_character} images in {train_dir}")
     if not os.path.isdir(train_dir):
-        write_class_folders(train_dir, list(config.characters), config.images_per_character, seed=0, size=48)
+        write_class_folders(train_dir, list(config.characters), config.images_per_character, seed=0, size=48, boxes=True)
     print(f"== 2/4 training resnet18 on {config.num_workers} Ray workers -> {model_dir}")
     train(TrainConfig(data_uri=train_dir, output_uri=model_dir, arch="resnet18", weights="none", image_size=32,
                       num_workers=config.num_workers, batch_size=16, finetune_epochs=config.epochs, val_fraction=0.25))

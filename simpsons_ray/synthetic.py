@@ -20,6 +20,11 @@ SHAPES = ["ellipse", "rectangle", "triangle", "cross", "ring", "bars"]
 
 def class_image(class_index: int, rng: np.random.Generator, size: int = 48) -> Image.Image:
     """A noisy background with one coloured shape that identifies the class."""
+    return class_image_and_box(class_index, rng, size)[0]
+
+
+def class_image_and_box(class_index: int, rng: np.random.Generator, size: int = 48) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """:func:`class_image` and the shape's bounding box (x1, y1, x2, y2), as annotation.csv gives it."""
     bg = rng.integers(60, 140, size=3)
     arr = np.clip(bg + rng.normal(0, 18, size=(size, size, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
@@ -43,7 +48,23 @@ def class_image(class_index: int, rng: np.random.Generator, size: int = 48) -> I
     else:
         for i in range(-r, r, max(3, r // 2)):
             draw.rectangle((cx + i, cy - r, cx + i + max(1, r // 4), cy + r), fill=color)
-    return img
+    return img, (cx - r, cy - r, cx + r + 1, cy + r + 1)
+
+
+def scene_image(class_indices: list[int], rng: np.random.Generator, size: int = 48) -> Image.Image:
+    """A frame of a scene: a noisy background with the given characters side by side (none: an empty scene)."""
+    bg = rng.integers(60, 140, size=3)
+    frame = np.clip(bg + rng.normal(0, 18, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    if not class_indices:
+        return Image.fromarray(frame, "RGB")
+    slot = size // len(class_indices)
+    for i, k in enumerate(class_indices):
+        picture, (x1, y1, x2, y2) = class_image_and_box(k, rng, size)
+        shape = picture.crop((x1, y1, x2, y2)).resize((min(slot, x2 - x1), min(size, y2 - y1)))
+        left = i * slot + (slot - shape.width) // 2
+        top = int(rng.integers(0, size - shape.height + 1))
+        frame[top : top + shape.height, left : left + shape.width] = np.asarray(shape)
+    return Image.fromarray(frame, "RGB")
 
 
 def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
@@ -52,17 +73,28 @@ def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
     return buf.getvalue()
 
 
-def write_class_folders(root: str, classes: list[str], per_class: int, seed: int = 0, size: int = 48) -> dict[str, int]:
-    """Kaggle training layout ``root/<class>/pic_NNNN.jpg``; returns images per class."""
+def write_class_folders(root: str, classes: list[str], per_class: int, seed: int = 0, size: int = 48,
+                        boxes: bool = False) -> dict[str, int]:
+    """Kaggle training layout ``root/<class>/pic_NNNN.jpg``; returns images per class.
+
+    With ``boxes``, also ``root/annotation.csv`` (``path,x1,y1,x2,y2,character``) with
+    every shape's box, as the Kaggle dataset's author gives them.
+    """
     rng = np.random.default_rng(seed)
+    rows = ["path,x1,y1,x2,y2,character"]
     for k, name in enumerate(classes):
         folder = os.path.join(root, name)
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):
             fmt = "PNG" if i % 5 == 0 else "JPEG"
             ext = "png" if fmt == "PNG" else "jpg"
+            img, box = class_image_and_box(k, rng, size)
             with open(os.path.join(folder, f"pic_{i:04d}.{ext}"), "wb") as f:
-                f.write(encode(class_image(k, rng, size), fmt))
+                f.write(encode(img, fmt))
+            rows.append(f"{name}/pic_{i:04d}.{ext},{','.join(str(v) for v in box)},{name}")
+    if boxes:
+        with open(os.path.join(root, "annotation.csv"), "w") as f:
+            f.write("\n".join(rows) + "\n")
     return {name: per_class for name in classes}
 
 

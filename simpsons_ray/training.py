@@ -844,6 +844,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return _write_artifact(config, split.classes, state, val_ds, test_ds, skipped_train + skipped_val + skipped_test, dropped, wall)
 
 
+def multilabel_results(scored: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
+    """A multi-label model's temperature and thresholds, from the validation frames only, and every split's report.
+
+    ``scored`` maps a split to its (logits, multi-hot targets); the test split is
+    scored with what validation chose, and chooses nothing.
+    """
+    logits, targets = scored["validation"]
+    temperature = calibration.fit_temperature(logits, targets, loss=multilabel.binary_nll)
+    thresholds = multilabel.choose_thresholds(multilabel.sigmoid(logits, temperature), targets)
+    results = {name: multilabel.score(lg, tg, classes, temperature, thresholds) for name, (lg, tg) in scored.items()}
+    return temperature, thresholds, results
+
+
 def _write_artifact(config, classes, state: TrainState, val_ds, test_ds, skipped, dropped, wall_s: float) -> dict[str, Any]:
     """Score the kept weights on validation and test, fit the temperature on validation, write the artifact."""
     model = build_model(config.arch, len(classes), config.head_hidden, config.dropout)
@@ -855,12 +868,8 @@ def _write_artifact(config, classes, state: TrainState, val_ds, test_ds, skipped
     multi = config.objective == "multilabel"
     inference = {"tta_flip": config.tta_flip, "objective": config.objective}
     if multi:
-        # The temperature, then each character's threshold, on validation frames only: test decides nothing.
-        temperature = calibration.fit_temperature(*scored["validation"], loss=multilabel.binary_nll)
-        logits, targets = scored["validation"]
-        thresholds = multilabel.choose_thresholds(multilabel.sigmoid(logits, temperature), targets)
-        inference["thresholds"] = [round(float(t), 6) for t in thresholds]
-        results = {name: multilabel.score(lg, tg, classes, temperature, thresholds) for name, (lg, tg) in scored.items()}
+        temperature, thresholds, results = multilabel_results(scored, classes)
+        inference["thresholds"] = [float(t) for t in thresholds]
     else:
         temperature = calibration.fit_temperature(*scored["validation"])
         results = {name: scoring.score(logits, labels, classes, temperature) for name, (logits, labels) in scored.items()}
