@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from simpsons_ray.errors import find_user_error
+from simpsons_ray.errors import UserError, find_user_error
 
 EXIT_USER_ERROR = 2
 VERBOSE_HELP = "debug logging, and Ray's own logs in the terminal (by default they stay in Ray's log files)"
@@ -66,6 +66,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a ResNet on a Kaggle-layout folder with Ray Train")
     p.add_argument("--data", dest="data_uri", required=True, help="training images, ROOT/<character>/*.jpg (local path or s3://)")
     p.add_argument("--output", dest="output_uri", required=True, help="model artifact directory (local path or s3://); rerun to resume")
+    p.add_argument("--objective", choices=("multilabel", "single"), default=C.objective,
+                   help="multilabel: a sigmoid per character, trained on composed frames of 0-3 characters, so a frame can hold "
+                        "several or nobody; single: a softmax, one character per picture (default %(default)s)")
+    p.add_argument("--boxes", default=C.boxes, metavar="CSV",
+                   help="multilabel: the pictures' bounding boxes (path,x1,y1,x2,y2,character; default: annotation.csv beside --data, "
+                        "if there); 'none': whole pictures, flat backgrounds")
     p.add_argument("--arch", default=C.arch, help="resnet18, resnet34, resnet50 or resnet101 (default %(default)s)")
     p.add_argument("--weights", default=C.weights, help="imagenet, none, or a state dict PATH_OR_URI (default %(default)s)")
     p.add_argument("--image-size", type=_positive_int, default=C.image_size, help="square input size (default %(default)s)")
@@ -138,13 +144,24 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="ROOT/<character>/*.jpg, or a flat folder of <character>_<N>.jpg")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default %(default)s)")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of the metrics")
+    p.add_argument("--composites", type=_non_negative_int, default=0, metavar="N",
+                   help="score N frames composed of 0-3 of the set's characters on real backgrounds (per-character F1, "
+                        "exact sets, 'nobody', screen-time error) instead of the single pictures")
+    p.add_argument("--seed", type=int, default=0, help="composites: which pictures and frames (default %(default)s)")
+    p.add_argument("--boxes", default="", metavar="CSV",
+                   help="composites: the pictures' boxes (default: annotation.csv beside --data, if there; 'none': whole pictures)")
+    p.add_argument("--min-confidence", type=_probability, default=None,
+                   help="composites: one probability cut for every character instead of the model's own thresholds")
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from simpsons_ray.evaluation import EvaluateConfig, evaluate_model
 
-    evaluate_model(EvaluateConfig(model_uri=args.model, data_uri=args.data, batch_size=args.batch_size, as_json=args.json))
+    if args.composites == 0 and (args.min_confidence is not None or args.boxes):
+        raise UserError("--min-confidence and --boxes apply to --composites N only.")
+    evaluate_model(EvaluateConfig(model_uri=args.model, data_uri=args.data, batch_size=args.batch_size, as_json=args.json,
+                                  composites=args.composites, seed=args.seed, boxes=args.boxes, min_confidence=args.min_confidence))
     return 0
 
 
@@ -152,18 +169,23 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _add_query(sub: argparse._SubParsersAction) -> None:
     from simpsons_ray import query as q
 
-    p = sub.add_parser("query", help="screen time, a character's frames, on-screen segments or a summary of labels")
+    p = sub.add_parser("query", help="screen time, a character's frames, on-screen segments, who is on screen together, or a summary of labels")
     p.add_argument("question", choices=q.QUESTIONS, help="what to ask of the labels")
     p.add_argument("--labels", required=True, help="labels output of `simpsons-ray label` (local path or s3://)")
-    p.add_argument("--min-confidence", type=float, default=q.DEFAULT_MIN_CONFIDENCE, help="count a label only at this confidence or more (default %(default)s)")
+    p.add_argument("--min-confidence", type=float, default=q.DEFAULT_MIN_CONFIDENCE, help="count a character on a frame only at this score (a single label's confidence) or more (default %(default)s)")
     p.add_argument("--episode", nargs="+", action="extend", default=[], metavar="ID", help="only these episodes (space- or comma-separated, repeatable)")
-    p.add_argument("--character", help="the character (frames: required; screen-time, segments: only this one)")
+    p.add_argument("--character", help="the character (frames: required unless --nobody; screen-time, segments: only this one; "
+                                       "together: only the pairs it is in)")
+    p.add_argument("--nobody", action="store_true",
+                   help="the frames with no character on screen: screen-time: a (nobody) row per episode; segments: the "
+                        "stretches with nobody; frames: those frames instead of a --character's")
     p.add_argument("--format", choices=q.FORMATS + q.SEGMENT_EXPORTS,
                    help="table, csv, json or parquet; segments also srt or vtt (a subtitle track of who is on screen) and edl "
                         "(an edit list) (default: from --output's extension, else table)")
     p.add_argument("--output", help="write the answer to this file or s3:// URI instead of the terminal; srt, vtt, edl: "
                                     "a folder ending in / gets one file per episode")
-    p.add_argument("--plot", help="screen-time: stacked bar chart per episode; segments: timeline (PNG)")
+    p.add_argument("--plot", help="screen-time: stacked bar chart per episode; segments: timeline; together: heat map of "
+                                  "the time each pair shares the screen (PNG)")
     p.add_argument("--contact-sheet", help="frames: grid of the best --limit frames' thumbnails (JPEG)")
     p.add_argument("--max-gap-s", type=float, default=q.DEFAULT_MAX_GAP_S, help="segments: join appearances this close (default %(default)s)")
     p.add_argument("--limit", type=_positive_int, help="at most N rows (frames: the best N)")
@@ -193,6 +215,7 @@ def _run_query(args: argparse.Namespace) -> int:
         time=args.time,
         frame=args.frame,
         timecode_fps=args.timecode_fps,
+        nobody=args.nobody,
     )
     run_query(config)
     return 0
@@ -288,7 +311,10 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wait-for-gpus", type=_non_negative_float, default=C.wait_for_gpus, metavar="SECONDS",
                    help="with --gpu on a cluster that has no GPU yet: how long to wait for its autoscaler to add one "
                         "(default %(default)s; a local Ray started by the job fails at once)")
-    p.add_argument("--min-confidence", type=_probability, default=C.min_confidence, help="label is null below this top-1 probability (default %(default)s)")
+    p.add_argument("--min-confidence", type=_probability, default=C.min_confidence,
+                   help="the score a character needs to be listed in `characters` (and the top-1 to be `label`): a single-label "
+                        "model's top-1 probability, a multi-label model's per-character sigmoid, replacing its own thresholds "
+                        "(default: a multi-label model's thresholds; 0 for a single-label model)")
     p.add_argument("--top-k", type=_positive_int, default=C.top_k, help="labels and scores kept per frame (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="relabel episodes that are already done")
     p.add_argument("--decode", choices=DECODE_CHOICES, default=C.decode,

@@ -35,14 +35,27 @@ class LabelSettings:
 
     model_id: str
     top_k: int
-    min_confidence: float
+    min_confidence: float | None  # the score every character needs; None: a multi-label model's own thresholds
     fps: float | None = None  # frame dumps: timestamp_s = (frame - first_frame_number) / fps
     first_frame_number: int = 0
     sample_fps: float | None = DEFAULT_SAMPLE_FPS  # videos: frames kept per second; None: all
+    thresholds: tuple[float, ...] | None = None  # a multi-label model's per-character thresholds, classes order
+
+    def __post_init__(self) -> None:
+        if self.min_confidence is None and self.thresholds is None:
+            raise ValueError("LabelSettings needs min_confidence or a multi-label model's thresholds")
 
     def for_episode(self, kind: str) -> dict[str, Any]:
-        """The settings that shape the labels of this kind of episode (a video has no --fps, a dump no sampling)."""
-        settings = {"model_id": self.model_id, "top_k": self.top_k, "min_confidence": self.min_confidence}
+        """The settings that shape the labels of this kind of episode (a video has no --fps, a dump no sampling).
+
+        The model's thresholds are kept only while they are the ones in use: model_id
+        hashes the weights alone, and thresholds chosen again for the same weights
+        change who is on screen. A given --min-confidence replaces them, so they
+        shape nothing then, and a single-label model's markers stay as they were.
+        """
+        settings: dict[str, Any] = {"model_id": self.model_id, "top_k": self.top_k, "min_confidence": self.min_confidence}
+        if self.min_confidence is None:
+            settings["thresholds"] = list(self.thresholds or ())
         if kind == frames_lib.VIDEO:
             settings["sample_fps"] = self.sample_fps
         else:
@@ -55,6 +68,16 @@ class LabelSettings:
             for k, v in self.for_episode(kind).items()
             if marker.get(k, _LEGACY_SETTINGS.get(k)) != v
         ]
+
+    def character_thresholds(self, num_classes: int) -> np.ndarray:
+        """The score each character needs to be on screen, in classes order: --min-confidence when given, else the model's own.
+
+        float64, so a float32 score is compared exactly, as a reader comparing
+        it with the same number does.
+        """
+        if self.min_confidence is not None:
+            return np.full(num_classes, self.min_confidence, np.float64)
+        return np.asarray(self.thresholds, np.float64)
 
     def timestamps(self, frame: np.ndarray, container_s: np.ndarray) -> pa.Array:
         """timestamp_s: the container's time for video frames, else (frame - first) / fps, else null."""
@@ -76,6 +99,8 @@ class EpisodeWriter:
         self.tmp_parent = layout.tmp_run_dir(run_id)
         self.tmp_uri = storage.join(self.tmp_parent, f"episode={episode.episode_id}.parquet")
         self._classes = np.array(classes, dtype=object)
+        self._class_names = pa.array(classes, pa.string())
+        self._thresholds = settings.character_thresholds(len(classes))
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._writer: pq.ParquetWriter | None = None
@@ -103,7 +128,10 @@ class EpisodeWriter:
         top_labels = self._classes[batch["top_indices"]]
         scores = batch["top_scores"].astype(np.float32)
         confidence = scores[:, 0]
-        labels = np.where(confidence >= s.min_confidence, top_labels[:, 0], None)
+        # The top-1 is the label when it reaches its own threshold (all the same for a single-label model).
+        labelled = confidence >= self._thresholds[batch["top_indices"][:, 0]]
+        labels = np.where(labelled, top_labels[:, 0], None)
+        characters, character_scores = self._characters(batch, labelled)
         frame = batch["frame"].astype(np.int64)
         offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
         return pa.Table.from_arrays(
@@ -116,8 +144,34 @@ class EpisodeWriter:
                 pa.ListArray.from_arrays(offsets, pa.array(top_labels.reshape(-1).tolist(), pa.string())),
                 pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), pa.float32())),
                 pa.array([s.model_id] * n, pa.string()),
+                characters,
+                character_scores,
             ],
-            schema=schema.LABELS_FILE_SCHEMA,
+            schema=schema.WRITTEN_FILE_SCHEMA,
+        )
+
+    def _characters(self, batch: dict[str, np.ndarray], labelled: np.ndarray) -> tuple[pa.Array, pa.Array]:
+        """``characters`` and ``character_scores``: every character whose score reaches its threshold, best first.
+
+        A multi-label model's batch carries every score (``scores``, N x classes);
+        a single-label model's names at most its top-1, when that is the label, so
+        both kinds of output answer "who is on screen" from the same column.
+        """
+        every = batch.get("scores")
+        if every is None:
+            rows = np.flatnonzero(labelled)
+            codes = batch["top_indices"][rows, 0]
+            values = batch["top_scores"][rows, 0]
+        else:
+            rows, codes = np.nonzero(every >= self._thresholds)
+            values = every[rows, codes]
+            # By frame, best first; equal scores in class order, as the predictor ranks top_labels.
+            order = np.lexsort((codes, -values, rows))
+            rows, codes, values = rows[order], codes[order], values[order]
+        offsets = pa.array(np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=len(labelled))))).astype(np.int32))
+        return (
+            pa.ListArray.from_arrays(offsets, self._class_names.take(pa.array(codes, pa.int64()))),
+            pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.float32), pa.float32())),
         )
 
     def _flush(self) -> None:
@@ -127,7 +181,7 @@ class EpisodeWriter:
             storage.makedirs(self.tmp_parent)
             fs, path = storage.resolve(self.tmp_uri)
             self._sink = fs.open_output_stream(path)
-            self._writer = pq.ParquetWriter(self._sink, schema.LABELS_FILE_SCHEMA, compression="zstd")
+            self._writer = pq.ParquetWriter(self._sink, schema.WRITTEN_FILE_SCHEMA, compression="zstd")
         self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP_ROWS)
         self._pending, self._pending_rows = [], 0
 

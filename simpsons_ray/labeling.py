@@ -69,7 +69,9 @@ class LabelConfig:
     num_workers: int | None = None  # the most predictor actors; None: as many as the cluster holds (see pipeline.predictor_pool)
     use_gpu: bool = False
     wait_for_gpus: float = WAIT_FOR_GPUS_S  # --gpu on a cluster with none yet: seconds to wait for its autoscaler
-    min_confidence: float = 0.0  # label is null below this top-1 probability
+    # The score a character needs to be on screen: it replaces a multi-label model's own
+    # per-character thresholds; None: those thresholds, and 0.0 for a single-label model.
+    min_confidence: float | None = None
     top_k: int = 3
     overwrite: bool = False  # relabel episodes already done
     decode: str = "auto"  # where frames are decoded: "tasks" (PIL, CPU tasks), "predictor", or "auto" (see pipeline.decode_in_predictor)
@@ -85,10 +87,10 @@ def label(config: LabelConfig) -> dict[str, Any]:
     settings = LabelSettings(
         model_id=_model_id(config.model_uri, model_config),
         top_k=min(config.top_k, len(classes)),
-        min_confidence=float(config.min_confidence),
         fps=float(config.fps) if config.fps else None,
         first_frame_number=int(config.first_frame_number),
         sample_fps=float(config.sample_fps) if config.sample_fps else None,
+        **_thresholds(config, model_config, classes),
     )
     episodes = frames_lib.list_episodes(config.frames_uri, config.episodes)
     if config.fps and all(e.kind == frames_lib.VIDEO for e in episodes):
@@ -180,7 +182,7 @@ def _validate(config: LabelConfig) -> None:
         raise UserError("--batch-size, --num-workers and --top-k must be positive integers.")
     if config.decode not in DECODE_CHOICES:
         raise UserError(f"--decode {config.decode} is not one of {', '.join(DECODE_CHOICES)}.")
-    if not 0.0 <= config.min_confidence <= 1.0:
+    if config.min_confidence is not None and not 0.0 <= config.min_confidence <= 1.0:
         raise UserError(f"--min-confidence {config.min_confidence} is not a probability: give a value between 0 and 1.")
     if config.fps is not None and config.fps <= 0:
         raise UserError(f"--fps {config.fps} must be a positive number of frames per second.")
@@ -192,6 +194,30 @@ def _validate(config: LabelConfig) -> None:
         raise UserError(f"--wait-for-gpus {config.wait_for_gpus} must be 0 or more seconds.")
     if config.seconds_per_read_task <= 0:
         raise UserError("seconds_per_read_task must be positive.")
+
+
+def _thresholds(config: LabelConfig, model_config: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """LabelSettings' min_confidence and thresholds: a given --min-confidence, else the model's own.
+
+    A single-label model keeps 0.0 (every top-1) as its default, the value markers
+    written before multi-label models hold, so their episodes still count as done.
+    """
+    objective = model_config.get("objective", "single")  # model.Artifact.objective, read without loading the weights
+    if objective not in ("single", "multilabel"):
+        raise UserError(f"{config.model_uri} has objective {objective!r} in its config.json: "
+                        "this version labels with \"single\" and \"multilabel\" models only.")
+    if config.min_confidence is not None:
+        return {"min_confidence": float(config.min_confidence)}
+    if objective == "single":
+        return {"min_confidence": 0.0}
+    thresholds = model_config.get("thresholds")
+    if (not isinstance(thresholds, list) or len(thresholds) != len(classes)
+            or not all(isinstance(t, (int, float)) and 0.0 <= t <= 1.0 for t in thresholds)):
+        raise UserError(
+            f"{config.model_uri} is a multi-label model without a threshold between 0 and 1 for each of its {len(classes)} "
+            "characters in its config.json: pass --min-confidence, or save the model with its thresholds."
+        )
+    return {"min_confidence": None, "thresholds": tuple(float(t) for t in thresholds)}
 
 
 def _model_id(model_uri: str, model_config: dict[str, Any]) -> str:

@@ -1,7 +1,9 @@
 """The predictor of the labeling pipeline: a callable class that loads the model once and scores batches.
 
 Ray Data runs it as an actor pool (``pipeline.py``); it takes the decode stage's
-batches (``ingest.py``) and returns the top-k scores that ``commit.py`` writes.
+batches (``ingest.py``) and returns the top-k scores that ``commit.py`` writes, and
+for a multi-label model every character's score, from which ``commit.py`` lists
+the characters on screen.
 """
 
 from __future__ import annotations
@@ -75,9 +77,20 @@ class FramePredictor:
         # As the model was scored when trained: calibrated logits, mirror image averaged in.
         self.temperature = artifact.temperature
         self.tta_flip = artifact.tta_flip
+        # A sigmoid per character instead of one softmax: several may be on screen, or none.
+        self.multilabel = artifact.objective == "multilabel"
+        self.num_classes = len(artifact.classes)
 
     def predict(self, images: "np.ndarray | torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
         """Normalised float32 NHWC -> (top-k scores float32, top-k class indices int64), best first."""
+        return self.top_k_of(self.scores(images))
+
+    def scores(self, images: "np.ndarray | torch.Tensor") -> "torch.Tensor":
+        """Normalised float32 NHWC -> float32 scores (N x classes) on the device, as the model was scored in training.
+
+        softmax(logits / T) for a single-label model; sigmoid(logit / T) per
+        character for a multi-label one.
+        """
         import torch
 
         if isinstance(images, np.ndarray):
@@ -89,9 +102,23 @@ class FramePredictor:
             logits = self.model(x)
             if self.tta_flip:
                 logits = (logits + self.model(torch.flip(x, dims=[3]))) / 2
-        probs = (logits.float() / self.temperature).softmax(dim=1)
-        scores, indices = probs.topk(self.top_k, dim=1)
-        return scores.cpu().numpy().astype(np.float32), indices.cpu().numpy().astype(np.int64)
+        logits = logits.float() / self.temperature
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+
+    def top_k_of(self, scores: "torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
+        """(top-k scores float32, top-k class indices int64), best first.
+
+        A multi-label model's sigmoids saturate at exactly 1.0 in float32, so ties
+        are common there: a stable sort ranks them in class order, the order
+        ``commit.py`` gives equal scores in ``characters``, so ``label``,
+        ``top_labels`` and ``characters`` agree on who comes first.
+        """
+        if self.multilabel:
+            values, indices = scores.sort(dim=1, descending=True, stable=True)
+            values, indices = values[:, : self.top_k], indices[:, : self.top_k]
+        else:
+            values, indices = scores.topk(self.top_k, dim=1)
+        return values.cpu().numpy().astype(np.float32), indices.cpu().numpy().astype(np.int64)
 
     def decode_batch(self, data: np.ndarray, encoding: np.ndarray) -> tuple["torch.Tensor", np.ndarray]:
         """route_frames' frames -> (normalised float32 NHWC on the device, error per frame; "" if decoded).
@@ -147,16 +174,24 @@ class FramePredictor:
         n = len(ok)
         scores = np.zeros((n, self.top_k), dtype=np.float32)
         indices = np.full((n, self.top_k), -1, dtype=np.int64)
+        # A multi-label model's every score: a few dozen floats a frame, next to a frame's thousands of pixels.
+        every = np.zeros((n, self.num_classes), dtype=np.float32) if self.multilabel else None
+        images = None
         if self.decode and ok.any():
             images, decode_errors = self.decode_batch(batch["data"][ok], batch["encoding"][ok])
             errors[ok] = decode_errors  # every frame in `ok` had no error before
             ok[ok] = decode_errors == ""
-            if ok.any():
-                scores[ok], indices[ok] = self.predict(images)
         elif ok.any():
-            scores[ok], indices[ok] = self.predict(batch["image"][ok])
+            images = batch["image"][ok]
+        if ok.any():
+            probs = self.scores(images)
+            scores[ok], indices[ok] = self.top_k_of(probs)
+            if every is not None:
+                every[ok] = probs.cpu().numpy()
         out = {k: batch[k] for k in PASSED_ON}
         out["error"] = errors
         out["top_scores"] = scores
         out["top_indices"] = indices
+        if every is not None:
+            out["scores"] = every
         return out

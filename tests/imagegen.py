@@ -8,6 +8,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from PIL import Image, ImageDraw
+
 from simpsons_ray.synthetic import PALETTE, SHAPES, class_image, encode, write_class_folders, write_tar  # noqa: F401
 
 
@@ -115,4 +117,112 @@ def train_shapes_model(path: str) -> str:
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     assert accuracy > 0.9, f"the shapes model did not learn the shapes (train accuracy {accuracy:.2f})"
     save_artifact(path, model, "resnet18", SHAPE_CLASSES, config, head_hidden=64, dropout=0.0)
+    return path
+
+
+MULTI_MODEL_PX = 32
+MULTI_FRAME_PX = 48
+CELLS = 4  # a multi-label frame is a 2 x 2 grid of cells, each empty or holding one character
+
+
+def characters_frame(characters: list[int], rng: np.random.Generator, cells: list[int] | None = None,
+                     radius: float | None = None, size: int = MULTI_FRAME_PX) -> Image.Image:
+    """A frame holding each of ``characters`` (class indices) as a disc of its PALETTE colour, one per cell.
+
+    ``cells`` (0-3, row by row) say where, else random cells; ``radius`` is a
+    fraction of the frame, else random. The background is grey noise: the random
+    tints of class_image's backgrounds can look like a character's colour (a
+    greenish one like homer's), which a frame that may hold nobody cannot afford.
+    """
+    cells = list(rng.choice(CELLS, size=len(characters), replace=False)) if cells is None else cells
+    grey = int(rng.integers(70, 130))
+    img = Image.fromarray(np.clip(grey + rng.normal(0, 18, size=(size, size, 3)), 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    half = size // 2
+    for k, cell in zip(characters, cells):
+        colour = tuple(int(c) for c in np.clip(np.array(PALETTE[k]) + rng.integers(-20, 20, 3), 0, 255))
+        r = int(size * (rng.uniform(0.19, 0.23) if radius is None else radius))
+        cx, cy = (cell % 2) * half + half // 2, (cell // 2) * half + half // 2
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    return img
+
+
+def _pool_colour_detectors(model) -> None:
+    """Set a resnet18's frozen weights so that its pooled features say how much of the frame has which colour.
+
+    conv1 becomes 64 random colour directions, flat over its 7 x 7 window (pixel
+    noise averages out), with random biases, so each ReLU fires on its own region
+    of colour space. The first block of each stage averages 2 x 2 at stride 2 and
+    the others pass their input on, so the global pool weighs every pixel alike
+    and a disc counts the same in any cell. Plain random ResNet features, as in
+    train_shapes_model, named the exact set of only 90-97% of held-out frames of
+    two small shapes: too few for a test that checks each frame's set.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        directions = torch.nn.functional.normalize(torch.randn(64, 3, generator=g), dim=1)
+        model.conv1.weight.copy_((directions / 49)[:, :, None, None].expand(64, 3, 7, 7))
+        model.bn1.bias.copy_(-(0.3 + 1.2 * torch.rand(64, generator=g)))
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+            for block in stage:
+                out = torch.arange(block.conv1.out_channels)
+                block.conv1.weight.zero_()
+                block.conv2.weight.zero_()
+                if block.downsample is not None:  # the stage's first block: a 2 x 2 average, stride 2 (each pixel counted once)
+                    block.conv1.weight[out, out % block.conv1.in_channels, 1:, 1:] = 1 / 4
+                    block.conv2.weight[out, out, 1, 1] = 1.0
+                    block.downsample[1].weight.zero_()
+
+
+def train_multilabel_shapes_model(path: str, temperature: float = 2.0) -> str:
+    """A multi-label resnet18 artifact at 32 px: a sigmoid per character (SHAPE_CLASSES), for frames of 0, 1 or 2 of them.
+
+    As train_shapes_model, only the head is trained, on features computed once
+    from a frozen backbone (see _pool_colour_detectors), here with binary
+    cross-entropy on characters_frame frames. Saved as `simpsons-ray train
+    --objective multilabel` saves: the temperature, and per-character thresholds
+    chosen on validation frames (multilabel.choose_thresholds) on the tempered scores.
+    """
+    import torch
+
+    from simpsons_ray import multilabel
+    from simpsons_ray.model import build_model, save_artifact
+    from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    config = PreprocessConfig(image_size=MULTI_MODEL_PX)
+    classes = len(SHAPE_CLASSES)
+
+    def frames(n: int, counts: tuple[int, ...]):
+        images, targets = [], np.zeros((n, classes), np.float32)
+        for i in range(n):
+            present = [int(k) for k in rng.choice(classes, size=counts[i % len(counts)], replace=False)]
+            images.append(load_resized(encode(characters_frame(present, rng)), MULTI_MODEL_PX))
+            targets[i, present] = 1.0
+        return normalize(np.stack(images), config), torch.from_numpy(targets)
+
+    # Pairs are where the characters get confused: half the training frames hold two.
+    x, y = frames(512, (0, 1, 1, 2, 2, 2))
+    val_x, val_y = frames(256, (0, 1, 2))
+    model = build_model("resnet18", classes, head_hidden=64, dropout=0.0).eval()
+    _pool_colour_detectors(model)
+    head, model.fc = model.fc, torch.nn.Identity()
+    with torch.inference_mode():
+        features, val_features = model(x), model(val_x)
+    model.fc = head
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(500):
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(head(features.clone()), y).backward()
+        optimizer.step()
+    with torch.inference_mode():
+        val_scores = multilabel.sigmoid(head(val_features).numpy(), temperature)
+    thresholds = multilabel.choose_thresholds(val_scores, val_y.numpy())
+    exact = (multilabel.predicted_sets(val_scores, thresholds) == (val_y.numpy() > 0.5)).all(axis=1).mean()
+    assert exact > 0.97, f"the multi-label shapes model did not learn the characters (exact sets on validation {exact:.3f})"
+    inference = {"objective": "multilabel", "thresholds": [float(t) for t in thresholds], "temperature": temperature}
+    save_artifact(path, model, "resnet18", SHAPE_CLASSES, config, head_hidden=64, dropout=0.0, inference=inference)
     return path

@@ -27,13 +27,27 @@ import pytest
 import torch
 from PIL import Image
 
-from imagegen import SHAPE_CLASSES, SHAPE_FRAME_PX, SHAPE_MODEL_PX, class_image, encode, upload_tree, write_tar, write_video
+from imagegen import (
+    MULTI_MODEL_PX,
+    SHAPE_CLASSES,
+    SHAPE_FRAME_PX,
+    SHAPE_MODEL_PX,
+    characters_frame,
+    class_image,
+    encode,
+    train_multilabel_shapes_model,
+    upload_tree,
+    write_tar,
+    write_video,
+)
 from simpsons_ray import frames as frames_lib
 from simpsons_ray import schema, video
+from simpsons_ray.commit import EpisodeWriter, LabelSettings
 from simpsons_ray.errors import UserError
 from simpsons_ray.frames import frame_number, list_episodes
 from simpsons_ray.ingest import JPEG, PIXELS, decode_frames, route_frames
 from simpsons_ray.labeling import LabelConfig, label
+from simpsons_ray.layout import OutputLayout
 from simpsons_ray.leases import LeaseKeeper
 from simpsons_ray.model import build_model, fold_batchnorm, load_artifact
 from simpsons_ray.pipeline import decode_in_predictor, predictor_pool
@@ -166,9 +180,9 @@ def test_sources_are_absolute_whatever_the_working_directory(tmp_path, monkeypat
 def test_labels_have_exact_schema_and_match_a_plain_loop(local_run, model_dir):
     output, dump = local_run["output"], local_run["dump"]
     dataset = schema.labels_dataset(output)
-    assert dataset.schema == schema.LABELS_SCHEMA
+    assert dataset.schema == schema.READ_SCHEMA
     for path in dataset.files:  # the files hold every column but the partition key
-        assert pq.read_schema(path).remove_metadata() == schema.LABELS_FILE_SCHEMA
+        assert pq.read_schema(path).remove_metadata() == schema.WRITTEN_FILE_SCHEMA
 
     df = read_labels(output)
     assert len(df) == sum(len(frames) for frames in dump.values())
@@ -196,6 +210,8 @@ def test_labels_have_exact_schema_and_match_a_plain_loop(local_run, model_dir):
         assert list(row.top_labels)[0] == row.label and len(row.top_labels) == 3
         assert list(row.top_scores) == sorted(row.top_scores, reverse=True)
         assert row.top_scores[0] == pytest.approx(row.confidence)
+        # A single-label model names its top-1, which reaches the default --min-confidence (0) on every frame.
+        assert list(row.characters) == [row.label] and list(row.character_scores) == [row.confidence]
     # make_dump draws frame i of the n-th episode from class (i + n) % 4: the model should see that.
     offset = {"S01E01": 0, "S01E02": 1, "S01E03": 2}
     drawn = [CLASSES[(frame + offset[episode]) % len(CLASSES)] for frame, episode in zip(df["frame"], df["episode"])]
@@ -432,7 +448,7 @@ def test_s3_frames_model_and_output(ray_session, model_dir, s3_server, s3_bucket
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
     table = schema.labels_dataset(output).to_table()
-    assert table.schema == schema.LABELS_SCHEMA
+    assert table.schema == schema.READ_SCHEMA
     df = table.to_pandas()
     assert len(df) == 18 and df["source"].is_unique
     assert df["timestamp_s"].isna().all()  # no --fps
@@ -550,6 +566,9 @@ def test_min_confidence_nulls_labels_and_changed_settings_need_overwrite(local_r
     assert low.any() and (~low).any()
     assert df.loc[low, "label"].isna().all()
     assert (df.loc[~low, "label"] == [t[0] for t in df.loc[~low, "top_labels"]]).all()
+    # characters: [top-1] from --min-confidence up, [] (nobody, not null) below it.
+    assert [list(c) for c in df.loc[low, "characters"]] == [[]] * low.sum()
+    assert [list(c) for c in df.loc[~low, "characters"]] == [[label] for label in df.loc[~low, "label"]]
 
     with pytest.raises(UserError, match="--overwrite"):
         label(LabelConfig(**cfg, episodes=("S01E01",)))
@@ -559,6 +578,147 @@ def test_min_confidence_nulls_labels_and_changed_settings_need_overwrite(local_r
     assert df.loc[df["episode"] == "S01E01", "label"].notna().all()
     assert df.loc[df["episode"] == "S01E03", "label"].isna().any()  # untouched
     assert df["source"].is_unique
+
+
+# ------------------------------------------------------------ every character on screen
+def _written_rows(tmp_path, settings: LabelSettings, scores: np.ndarray, multilabel: bool) -> list[dict]:
+    """One episode's rows as EpisodeWriter lands them, for scores ranked as FramePredictor ranks them."""
+    n = len(scores)
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :2]  # FramePredictor.top_k_of: ties in class order
+    batch = {"frame": np.arange(n), "timestamp": np.full(n, np.nan), "source": np.array([f"s{i}" for i in range(n)], dtype=object),
+             "error": np.array([""] * n, dtype=object), "top_indices": ranked, "top_scores": np.take_along_axis(scores, ranked, 1)}
+    if multilabel:
+        batch["scores"] = scores
+    episode = frames_lib.Episode("E1", "x", frames_lib.FOLDER)
+    writer = EpisodeWriter(OutputLayout(str(tmp_path)), "run-1", episode, ["a", "b", "c", "d"], settings)
+    writer.add(batch)
+    writer.commit("run-1")
+    table = pq.read_table(tmp_path / "episode=E1" / "part-0.parquet")
+    assert table.schema.remove_metadata() == schema.WRITTEN_FILE_SCHEMA
+    return table.select(["label", "characters", "character_scores"]).to_pylist()
+
+
+def test_characters_are_every_score_at_its_threshold_best_first(tmp_path):
+    scores = np.array([  # values float32 holds exactly, so "reaches" is exact
+        [0.875, 0.25, 0.625, 0.125],  # a and c reach theirs
+        [0.25, 0.375, 0.125, 0.0],  # nobody: b's 0.375 is under its 0.4375
+        [1.0, 1.0, 0.0, 1.0],  # saturated sigmoids tie: class order, as top_labels
+        [0.5, 0.0, 0.0, 0.9375],  # the top-1, d, misses its own threshold: no label, yet a is on screen (at its threshold)
+    ], np.float32)
+    own = LabelSettings("m", 2, None, thresholds=(0.5, 0.4375, 0.5625, 0.96875))
+    rows = _written_rows(tmp_path / "own", own, scores, multilabel=True)
+    assert [(r["label"], r["characters"]) for r in rows] == [("a", ["a", "c"]), (None, []), ("a", ["a", "b", "d"]), (None, ["a"])]
+    assert [r["character_scores"] for r in rows] == [[0.875, 0.625], [], [1.0, 1.0, 1.0], [0.5]]
+
+    # A given --min-confidence replaces every threshold of the model.
+    given = LabelSettings("m", 2, 0.9375, thresholds=own.thresholds)
+    rows = _written_rows(tmp_path / "given", given, scores, multilabel=True)
+    assert [(r["label"], r["characters"]) for r in rows] == [(None, []), (None, []), ("a", ["a", "b", "d"]), ("d", ["d"])]
+    # A single-label model names its top-1 when it reaches --min-confidence.
+    rows = _written_rows(tmp_path / "single", LabelSettings("m", 2, 0.625), scores, multilabel=False)
+    assert [(r["label"], r["characters"]) for r in rows] == [("a", ["a"]), (None, []), ("a", ["a"]), ("d", ["d"])]
+
+    # The markers: the model's thresholds are compared while they are in use, a given --min-confidence otherwise.
+    marker = json.load(open(tmp_path / "own" / "_progress" / "E1.json"))
+    assert marker["min_confidence"] is None and marker["thresholds"] == [0.5, 0.4375, 0.5625, 0.96875]
+    assert own.differences(marker, frames_lib.FOLDER) == []
+    assert given.differences(marker, frames_lib.FOLDER) == ["min_confidence None (now 0.9375)"]
+    assert dataclasses.replace(own, thresholds=(0.5, 0.4375, 0.5625, 0.9)).differences(marker, frames_lib.FOLDER)
+    single = json.load(open(tmp_path / "single" / "_progress" / "E1.json"))
+    assert "thresholds" not in single and LabelSettings("m", 2, 0.625).differences(single, frames_lib.FOLDER) == []
+
+
+MULTI_FRAMES = {  # episode -> the characters (SHAPE_CLASSES indices) on each frame
+    "S01E01": [(), (0,), (1, 2), (3,), (0, 3)],
+    "S01E02": [(2,), (), (1,), (2, 3), (0, 1)],
+}
+
+
+@pytest.fixture(scope="module")
+def multilabel_model(tmp_path_factory) -> str:
+    """A multi-label resnet18 at 32 px: a sigmoid per character, with per-character thresholds (imagegen)."""
+    return train_multilabel_shapes_model(str(tmp_path_factory.mktemp("multilabel_model")))
+
+
+def test_a_multilabel_model_lists_every_character_on_screen(ray_session, multilabel_model, tmp_path):
+    import duckdb
+
+    frames_dir, output = tmp_path / "frames", str(tmp_path / "labels")
+    rng = np.random.default_rng(3)
+    drawn = {}
+    for episode, frames in MULTI_FRAMES.items():
+        (frames_dir / episode).mkdir(parents=True)
+        for i, present in enumerate(frames):
+            data = encode(characters_frame(list(present), rng, cells=[(i + 2 * j) % 4 for j in range(len(present))], radius=0.21))
+            (frames_dir / episode / f"frame_{i:06d}.jpg").write_bytes(data)
+            drawn[str(frames_dir / episode / f"frame_{i:06d}.jpg")] = ({CLASSES[k] for k in present}, data)
+    config = json.load(open(os.path.join(multilabel_model, "config.json")))
+    thresholds = dict(zip(CLASSES, config["thresholds"]))
+    # The model as trained, in a plain loop: sigmoid(logit / T). Far from every threshold, or the test proves nothing.
+    model = load_artifact(multilabel_model).model
+    pixels = np.stack([load_resized(data, MULTI_MODEL_PX) for _, data in drawn.values()])
+    with torch.inference_mode():
+        x = torch.from_numpy(normalize_array(pixels, PreprocessConfig(image_size=MULTI_MODEL_PX))).permute(0, 3, 1, 2)
+        reference = dict(zip(drawn, (model(x) / config["temperature"]).sigmoid().numpy()))
+    for source, scores in reference.items():
+        margins = [abs(scores[k] - thresholds[c]) for k, c in enumerate(CLASSES)]
+        assert min(margins) > 0.1, f"the multi-label test model is unsure of {source}: {scores} against {thresholds}"
+
+    summary = label(LabelConfig(model_uri=multilabel_model, frames_uri=str(frames_dir), output_uri=output))
+    assert summary["frames_labelled"] == 10 and summary["errors"] == 0
+    dataset = schema.labels_dataset(output)
+    assert dataset.schema == schema.READ_SCHEMA
+    assert all(pq.read_schema(path).remove_metadata() == schema.WRITTEN_FILE_SCHEMA for path in dataset.files)
+    rows = dataset.to_table().to_pylist()
+    assert sorted(row["source"] for row in rows) == sorted(drawn)
+    for row in rows:
+        characters, scores = row["characters"], row["character_scores"]
+        assert set(characters) == drawn[row["source"]][0] and len(characters) == len(drawn[row["source"]][0]), row
+        assert scores == sorted(scores, reverse=True)
+        assert scores == pytest.approx([reference[row["source"]][CLASSES.index(c)] for c in characters], abs=1e-4)
+        assert row["top_labels"][: len(characters)] == characters
+        # The top-1 is the label: every character here is far above its threshold, and nobody means null.
+        assert row["label"] == (characters[0] if characters else None)
+
+    # The marker keeps the model's thresholds: the same run again is a no-op, another --min-confidence is noticed.
+    marker = json.load(open(os.path.join(output, "_progress", "S01E01.json")))
+    assert marker["min_confidence"] is None and marker["thresholds"] == config["thresholds"]
+    again = label(LabelConfig(model_uri=multilabel_model, frames_uri=str(frames_dir), output_uri=output))
+    assert again["frames_labelled"] == 0 and again["episodes_skipped"] == 2
+    with pytest.raises(UserError, match="min_confidence None .now 0.5.*--overwrite"):
+        label(LabelConfig(model_uri=multilabel_model, frames_uri=str(frames_dir), output_uri=output, min_confidence=0.5))
+
+    # DuckDB reads the hive-partitioned output as it is: list types, and one row per character on screen.
+    files = f"{output}/episode=*/*.parquet"
+    read = f"read_parquet('{files}', hive_partitioning = true, hive_types = {{'episode': VARCHAR}})"
+    types = dict(duckdb.sql(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {read})").fetchall())
+    assert (types["characters"], types["character_scores"]) == ("VARCHAR[]", "FLOAT[]")
+    counted = duckdb.sql(f"SELECT episode, character, count(*) FROM (SELECT episode, unnest(characters) AS character FROM {read}) "
+                         "GROUP BY ALL").fetchall()
+    expected = {}
+    for episode, frames in MULTI_FRAMES.items():
+        for present in frames:
+            for k in present:
+                expected[(episode, CLASSES[k])] = expected.get((episode, CLASSES[k]), 0) + 1
+    assert {(e, c): n for e, c, n in counted} == expected
+
+    # An output that also holds a file from before these columns: pyarrow reads them null, DuckDB by name.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(output, mixed, ignore=shutil.ignore_patterns("_*"))
+    old = pq.read_table(mixed / "episode=S01E02" / "part-0.parquet").drop_columns(["characters", "character_scores"])
+    pq.write_table(old, mixed / "episode=S01E02" / "part-0.parquet")
+    table = schema.labels_dataset(str(mixed)).to_table(columns=["episode", "characters"])
+    assert table.filter(pads.field("episode") == "S01E02")["characters"].null_count == 5
+    assert table.filter(pads.field("episode") == "S01E01")["characters"].null_count == 0
+    read_mixed = f"read_parquet('{mixed}/episode=*/*.parquet', hive_partitioning = true, union_by_name = true)"
+    assert duckdb.sql(f"SELECT count(*) FROM {read_mixed} WHERE characters IS NULL").fetchall() == [(5,)]
+
+    # A multi-label model saved without thresholds needs --min-confidence, said before any work.
+    bare = tmp_path / "bare"
+    shutil.copytree(multilabel_model, bare)
+    (bare / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "thresholds"}))
+    with pytest.raises(UserError, match="without a threshold.*--min-confidence"):
+        label(LabelConfig(model_uri=str(bare), frames_uri=str(frames_dir), output_uri=str(tmp_path / "bare_labels")))
 
 
 def test_user_errors_before_any_work(model_dir, local_run, tmp_path):
