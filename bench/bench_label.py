@@ -27,6 +27,11 @@ reading smaps_rollup of every worker costs the kernel ~16% of a core, which took
     python bench/bench_label.py --quick               # a smoke run: 2 episodes x 150 frames, and x 1,500
     python bench/bench_label.py --image-size 128 --frames-per-episode 2500   # 4x the model work per frame (~22 min)
     python bench/bench_label.py --arch resnet50 --image-size 224 --gpu   # on a GPU machine
+    python bench/bench_label.py --compare-objectives --frames-per-episode 2500   # single-label against multi-label labeling
+
+``--compare-objectives`` labels the 1x dump with the same weights saved as a single-label
+and as a multi-label artifact (a sigmoid per character, thresholds, and the
+``characters`` lists that writes), alternating, ``--repeats`` times each.
 """
 
 from __future__ import annotations
@@ -263,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="frames per forward pass, everywhere (default %(default)s)")
     parser.add_argument("--gpu", action="store_true", help="run every column on the GPU (bf16 + channels_last in the model-only and pipeline columns)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 episodes x 150 frames")
+    parser.add_argument("--compare-objectives", action="store_true",
+                        help="only the 1x pipeline, with a single-label and a multi-label artifact of the same weights, alternating")
+    parser.add_argument("--repeats", type=int, default=2, help="--compare-objectives: runs of each (default %(default)s)")
     args = parser.parse_args(argv)
     if args.quick:
         args.episodes, args.frames_per_episode = 2, 150
@@ -277,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     # Random weights: throughput does not depend on what the model learnt.
     save_artifact(model_dir, build_model(args.arch, len(classes)), args.arch, classes, PreprocessConfig(image_size=args.image_size))
+    if args.compare_objectives:
+        compare_objectives(args, classes, images, work, model_dir)
+        return
     dump_1x = os.path.join(work, "frames-1x")
     dump_nx = os.path.join(work, f"frames-{args.scale}x")
     n1 = build_dump(dump_1x, images, args.episodes, args.frames_per_episode)
@@ -313,6 +324,27 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'simpsons-ray label ' + name:24}{n:>9,}{fps:>11.1f}{fps / model_fps:>10.2f}{fps / plain_fps:>10.2f}{peak / 2**30:>9.2f} G")
     growth = rows[1][3] / rows[0][3] - 1
     print(f"\npeak memory {rows[1][0]} vs {rows[0][0]}: {growth:+.1%}  (targets: label >= 0.8x model only, >= 1.0x plain loop; memory within 20%)")
+
+
+def compare_objectives(args, classes, images, work: str, single_dir: str) -> None:
+    """frames/s of `label` with the same weights as a single-label and as a multi-label artifact, alternating."""
+    multi_dir = os.path.join(work, "model-multilabel")
+    artifact = load_artifact(single_dir)
+    save_artifact(multi_dir, artifact.model, args.arch, classes, PreprocessConfig(image_size=args.image_size),
+                  inference={"objective": "multilabel", "thresholds": [0.5] * len(classes)})
+    dump = os.path.join(work, "frames-1x")
+    n = build_dump(dump, images, args.episodes, args.frames_per_episode)
+    print(f"{args.arch} at {args.image_size}px, batch {args.batch_size}, {os.cpu_count()} CPUs; {n:,} frames in {args.episodes} episodes", flush=True)
+    results: dict[str, list[float]] = {"single": [], "multilabel": []}
+    for repeat in range(args.repeats):
+        for objective, model_dir in (("single", single_dir), ("multilabel", multi_dir))[:: 1 if repeat % 2 == 0 else -1]:
+            output = os.path.join(work, f"labels-{objective}")
+            fps, wall = bench_pipeline(model_dir, dump, output, args.batch_size, args.gpu)
+            results[objective].append(fps)
+            print(f"  {objective:<10} run {repeat + 1}: {fps:8.1f} frames/s ({wall:.1f} s)", flush=True)
+    single, multi = max(results["single"]), max(results["multilabel"])
+    print(f"\nbest of {args.repeats}: single {single:.1f}, multilabel {multi:.1f} frames/s: {multi / single:.2f}x "
+          f"(runs: single {', '.join(f'{v:.1f}' for v in results['single'])}; multilabel {', '.join(f'{v:.1f}' for v in results['multilabel'])})")
 
 
 if __name__ == "__main__":

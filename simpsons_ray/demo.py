@@ -101,7 +101,8 @@ def run_demo(config: DemoConfig) -> None:
     print(f"labels:  {labels_dir}/episode=<id>/*.parquet   (errors in {labels_dir}/_errors, run summaries in {labels_dir}/_runs)")
     print(f"chart:   {chart}")
     print(f"report:  {page}   (open it in a browser; built in {built.seconds:.1f} s)")
-    print(f"next:    simpsons-ray query frames --labels {labels_dir} --character bart_simpson --contact-sheet bart.jpg")
+    print(f"next:    simpsons-ray query together --labels {labels_dir} --plot together.png   # who shares the screen, and how long")
+    print(f"         simpsons-ray query frames --labels {labels_dir} --character bart_simpson --contact-sheet bart.jpg")
     print(f"         python -c \"import pandas as pd; print(pd.read_parquet('{labels_dir}').head())\"")
-    print(f"         duckdb -c \"SELECT episode, label, count(*) FROM read_parquet('{labels_dir}/episode=*/*.parquet', "
+    print(f"         duckdb -c \"SELECT episode, unnest(characters) AS who, count(*) FROM read_parquet('{labels_dir}/episode=*/*.parquet', "
           "hive_partitioning=true) GROUP BY ALL ORDER BY ALL\"")
