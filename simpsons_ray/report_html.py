@@ -179,11 +179,14 @@ def _model_card(model_uri: str) -> str:
         if not result:
             continue
         cal = result.get("calibration") or {}
+        multi = result.get("objective") == "multilabel"  # scored on composed frames: exact sets, and who is nobody
         rows.append({
-            "split": split + (" (reported only)" if split == "test" else " (chose the epoch and temperature)"),
-            "images": result.get("num_images"),
+            "split": split + (" (reported only)" if split == "test" else
+                              " (chose the epoch, temperature and thresholds)" if multi else " (chose the epoch and temperature)"),
+            "images": result.get("num_frames") if multi else result.get("num_images"),
             "accuracy": result.get("accuracy"),
             "macro_f1": result.get("macro_f1"),
+            "nobody_recall": (result.get("nobody") or {}).get("recall", math.nan),
             "ece_before": cal.get("ece_before", math.nan),
             "ece_after": cal.get("ece_after", math.nan),
             "temperature": cal.get("temperature", math.nan),
@@ -191,8 +194,12 @@ def _model_card(model_uri: str) -> str:
     f3 = lambda v: _num(v, 3)  # noqa: E731
     parts = [f"<p>model <code>{_e(metrics.get('model_id', '?'))}</code>, best epoch {_e(metrics.get('best_epoch', '?'))} "
              f"of {_e(metrics.get('epochs_run', '?'))}</p>",
-             _table(pd.DataFrame(rows), {c: f3 for c in ("accuracy", "macro_f1", "ece_before", "ece_after", "temperature")},
+             _table(pd.DataFrame(rows), {c: f3 for c in ("accuracy", "macro_f1", "nobody_recall", "ece_before", "ece_after", "temperature")},
                     "model-scores", sortable=False)]
+    if any(str(r["split"]).endswith("thresholds)") for r in rows):
+        parts.append("<p>A multi-label model, scored on frames composed of 0-3 characters: <em>images</em> counts those frames, "
+                     "<em>accuracy</em> is the share whose set of characters is exactly right, <em>nobody_recall</em> the share of "
+                     "empty frames it called empty.</p>")
     for name, title in (("confusion_matrix.png", "confusion matrix"), ("reliability.png", "calibration"), ("curves.png", "training curves")):
         uri = storage.join(model_uri, name)
         if storage.exists(uri):
