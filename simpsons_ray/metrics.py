@@ -14,6 +14,15 @@ def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: 
     return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+def precision_recall_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall and F1 from counts; 0 where undefined (nothing predicted, or nothing true)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return precision, recall, f1
+
+
 def report(matrix: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro-F1 and per-class precision/recall/F1/support from a confusion matrix.
 
@@ -25,10 +34,7 @@ def report(matrix: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     tp = np.diag(matrix)
     support = matrix.sum(axis=1)
     predicted = matrix.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    precision, recall, f1 = precision_recall_f1(tp, predicted - tp, support - tp)
     present = support > 0
     per_class = {
         name: {

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from simpsons_ray.metrics import precision_recall_f1
+
 if TYPE_CHECKING:
     from simpsons_ray import calibration
 
@@ -85,14 +87,6 @@ def top1_sets(probabilities: np.ndarray, min_confidence: float = 0.0) -> np.ndar
     return out
 
 
-def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
-        recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return precision, recall, f1
-
-
 def report(predicted: np.ndarray, targets: np.ndarray, classes: Sequence[str], seconds_per_frame: float = 1.0) -> dict[str, Any]:
     """Set metrics of ``predicted`` (bool) against ``targets`` (0/1), per character and overall."""
     pred = np.asarray(predicted, dtype=bool)
@@ -100,12 +94,12 @@ def report(predicted: np.ndarray, targets: np.ndarray, classes: Sequence[str], s
     tp = (pred & true).sum(axis=0).astype(np.float64)
     fp = (pred & ~true).sum(axis=0).astype(np.float64)
     fn = (~pred & true).sum(axis=0).astype(np.float64)
-    precision, recall, f1 = _f1(tp, fp, fn)
+    precision, recall, f1 = precision_recall_f1(tp, fp, fn)
     support = true.sum(axis=0)
     present = support > 0
-    micro_p, micro_r, micro_f1 = _f1(tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True))
+    micro_p, micro_r, micro_f1 = precision_recall_f1(tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True))
     nobody_true, nobody_pred = ~true.any(axis=1), ~pred.any(axis=1)
-    nobody_p, nobody_r, nobody_f1 = _f1(np.array([float((nobody_true & nobody_pred).sum())]),
+    nobody_p, nobody_r, nobody_f1 = precision_recall_f1(np.array([float((nobody_true & nobody_pred).sum())]),
                                         np.array([float((~nobody_true & nobody_pred).sum())]),
                                         np.array([float((nobody_true & ~nobody_pred).sum())]))
     predicted_frames, true_frames = pred.sum(axis=0), true.sum(axis=0)

@@ -86,6 +86,26 @@ SHAPE_MODEL_PX = 32
 SHAPE_FRAME_PX = 44  # frames are bigger than the model input, so resizing is exercised
 
 
+def fit_head(model, inputs: list, targets, loss, steps: int) -> list:
+    """Train only ``model.fc`` (Adam, lr 1e-2) on the frozen features of ``inputs[0]``; returns every input's features.
+
+    The backbone runs once per input: a second to fit a head that the labeling
+    tests can rely on.
+    """
+    import torch
+
+    head, model.fc = model.fc, torch.nn.Identity()
+    with torch.inference_mode():
+        features = [model(x) for x in inputs]
+    model.fc = head
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss(head(features[0].clone()), targets).backward()
+        optimizer.step()
+    return features
+
+
 def train_shapes_model(path: str) -> str:
     """A resnet18 artifact at 32 px whose head is trained, on frozen random features, to tell 4 shapes apart.
 
@@ -104,15 +124,7 @@ def train_shapes_model(path: str) -> str:
     images = [load_resized(encode(class_image(i % len(SHAPE_CLASSES), rng, SHAPE_FRAME_PX)), SHAPE_MODEL_PX) for i in range(n)]
     x, y = normalize(np.stack(images), config), torch.arange(n) % len(SHAPE_CLASSES)
     model = build_model("resnet18", len(SHAPE_CLASSES), head_hidden=64, dropout=0.0).eval()
-    head, model.fc = model.fc, torch.nn.Identity()
-    with torch.inference_mode():
-        features = model(x)
-    model.fc = head
-    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
-    for _ in range(100):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(head(features.clone()), y).backward()
-        optimizer.step()
+    fit_head(model, [x], y, torch.nn.functional.cross_entropy, steps=100)
     with torch.inference_mode():
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     assert accuracy > 0.9, f"the shapes model did not learn the shapes (train accuracy {accuracy:.2f})"
@@ -209,17 +221,9 @@ def train_multilabel_shapes_model(path: str, temperature: float = 2.0) -> str:
     val_x, val_y = frames(256, (0, 1, 2))
     model = build_model("resnet18", classes, head_hidden=64, dropout=0.0).eval()
     _pool_colour_detectors(model)
-    head, model.fc = model.fc, torch.nn.Identity()
+    _, val_features = fit_head(model, [x, val_x], y, torch.nn.functional.binary_cross_entropy_with_logits, steps=500)
     with torch.inference_mode():
-        features, val_features = model(x), model(val_x)
-    model.fc = head
-    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
-    for _ in range(500):
-        optimizer.zero_grad()
-        torch.nn.functional.binary_cross_entropy_with_logits(head(features.clone()), y).backward()
-        optimizer.step()
-    with torch.inference_mode():
-        val_scores = multilabel.sigmoid(head(val_features).numpy(), temperature)
+        val_scores = multilabel.sigmoid(model.fc(val_features).numpy(), temperature)
     thresholds = multilabel.choose_thresholds(val_scores, val_y.numpy())
     exact = (multilabel.predicted_sets(val_scores, thresholds) == (val_y.numpy() > 0.5)).all(axis=1).mean()
     assert exact > 0.97, f"the multi-label shapes model did not learn the characters (exact sets on validation {exact:.3f})"
