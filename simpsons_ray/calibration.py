@@ -85,8 +85,15 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> 
     probs = np.asarray(probs, dtype=np.float64)
     confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
     correct = (probs.argmax(axis=1) == np.asarray(labels)) if len(probs) else np.zeros(0, dtype=bool)
+    return binned(confidence, correct, bins)
+
+
+def binned(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> Reliability:
+    """Mean confidence against the share correct, in equal-width bins of confidence."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    # Bin i holds (edges[i], edges[i+1]]; a confidence of exactly 0 cannot occur.
+    # Bin i holds (edges[i], edges[i+1]]; a confidence of exactly 0 (a saturated sigmoid) joins the first.
     which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
     count = np.bincount(which, minlength=bins).astype(np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):

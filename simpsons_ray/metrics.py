@@ -23,6 +23,15 @@ def precision_recall_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple
     return precision, recall, f1
 
 
+def per_class_rows(classes: Sequence[str], precision: np.ndarray, recall: np.ndarray, f1: np.ndarray,
+                   support: np.ndarray) -> dict[str, dict[str, Any]]:
+    """{character: {precision, recall, f1, support}}, plain floats and ints (for JSON)."""
+    return {
+        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+        for i, name in enumerate(classes)
+    }
+
+
 def report(matrix: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro-F1 and per-class precision/recall/F1/support from a confusion matrix.
 
@@ -36,15 +45,7 @@ def report(matrix: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     predicted = matrix.sum(axis=0)
     precision, recall, f1 = precision_recall_f1(tp, predicted - tp, support - tp)
     present = support > 0
-    per_class = {
-        name: {
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
-            "support": int(support[i]),
-        }
-        for i, name in enumerate(classes)
-    }
+    per_class = per_class_rows(classes, precision, recall, f1, support)
     return {
         "accuracy": float(tp.sum() / total) if total else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,

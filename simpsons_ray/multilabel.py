@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from simpsons_ray.metrics import precision_recall_f1
+from simpsons_ray.metrics import per_class_rows, precision_recall_f1
 
 if TYPE_CHECKING:
     from simpsons_ray import calibration
@@ -103,17 +103,9 @@ def report(predicted: np.ndarray, targets: np.ndarray, classes: Sequence[str], s
                                         np.array([float((~nobody_true & nobody_pred).sum())]),
                                         np.array([float((nobody_true & ~nobody_pred).sum())]))
     predicted_frames, true_frames = pred.sum(axis=0), true.sum(axis=0)
-    per_class = {
-        name: {
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
-            "support": int(support[i]),
-            "true_seconds": float(true_frames[i] * seconds_per_frame),
-            "predicted_seconds": float(predicted_frames[i] * seconds_per_frame),
-        }
-        for i, name in enumerate(classes)
-    }
+    per_class = per_class_rows(classes, precision, recall, f1, support)
+    for i, row in enumerate(per_class.values()):
+        row.update(true_seconds=float(true_frames[i] * seconds_per_frame), predicted_seconds=float(predicted_frames[i] * seconds_per_frame))
     relative = np.abs(predicted_frames - true_frames)[present] / true_frames[present]
     return {
         "objective": "multilabel",
@@ -162,15 +154,7 @@ def reliability(scores: np.ndarray, targets: np.ndarray) -> "calibration.Reliabi
     """Every (frame, character) score against whether that character is there, in the bins of top-1 reliability."""
     from simpsons_ray import calibration
 
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    t = (np.asarray(targets) > 0.5).ravel().astype(np.float64)
-    edges = np.linspace(0.0, 1.0, calibration.ECE_BINS + 1)
-    which = np.clip(np.searchsorted(edges, s, side="left") - 1, 0, calibration.ECE_BINS - 1)
-    count = np.bincount(which, minlength=calibration.ECE_BINS).astype(np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_score = np.where(count > 0, np.bincount(which, weights=s, minlength=calibration.ECE_BINS) / count, 0.0)
-        share_true = np.where(count > 0, np.bincount(which, weights=t, minlength=calibration.ECE_BINS) / count, 0.0)
-    return calibration.Reliability(edges, mean_score, share_true, count)
+    return calibration.binned(np.asarray(scores, dtype=np.float64).ravel(), (np.asarray(targets) > 0.5).ravel())
 
 
 def calibration_summary(logits: np.ndarray, targets: np.ndarray, temperature: float) -> dict[str, float]:

@@ -51,11 +51,7 @@ def write_pictures(model_dir: str, classes: list[str], history: list[dict], scor
     storage.write_bytes(storage.join(model_dir, "confusion_matrix.csv"), metrics.matrix_csv(matrix, classes).encode())
     plots.confusion_matrix(matrix, classes, storage.join(model_dir, "confusion_matrix.png"), title=f"{shown} split")
     plots.training_curves(history, storage.join(model_dir, "curves.png"))
-    curves = {}
-    for name, (logits, labels) in scored.items():
-        curves[f"{name}, T=1"] = calibration.reliability(calibration.softmax(logits), labels)
-        curves[f"{name}, T={temperature:.2f}"] = calibration.reliability(calibration.softmax(logits, temperature), labels)
-    plots.reliability_diagram(curves, storage.join(model_dir, "reliability.png"))
+    _reliability_picture(model_dir, scored, temperature, calibration.softmax, calibration.reliability)
 
 
 def write_multilabel_pictures(model_dir: str, classes: list[str], history: list[dict],
@@ -68,8 +64,16 @@ def write_multilabel_pictures(model_dir: str, classes: list[str], history: list[
     table = pd.DataFrame.from_dict(shown["per_class"], orient="index").rename_axis("character").reset_index()
     storage.write_bytes(storage.join(model_dir, "per_character.csv"), table.to_csv(index=False, float_format="%.4f").encode())
     plots.training_curves(history, storage.join(model_dir, "curves.png"))
+    _reliability_picture(model_dir, scored, temperature, multilabel.sigmoid, multilabel.reliability)
+
+
+def _reliability_picture(model_dir: str, scored: dict[str, tuple[np.ndarray, np.ndarray]], temperature: float,
+                         probabilities, reliability) -> None:
+    """reliability.png: every split before (T = 1) and after the temperature, with the objective's probabilities."""
+    from simpsons_ray import plots
+
     curves = {}
-    for name, (logits, targets) in scored.items():
-        curves[f"{name}, T=1"] = multilabel.reliability(multilabel.sigmoid(logits), targets)
-        curves[f"{name}, T={temperature:.2f}"] = multilabel.reliability(multilabel.sigmoid(logits, temperature), targets)
+    for name, (logits, truth) in scored.items():
+        curves[f"{name}, T=1"] = reliability(probabilities(logits), truth)
+        curves[f"{name}, T={temperature:.2f}"] = reliability(probabilities(logits, temperature), truth)
     plots.reliability_diagram(curves, storage.join(model_dir, "reliability.png"))
