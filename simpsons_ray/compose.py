@@ -208,13 +208,14 @@ def compose(
     used = np.full(count, -1, dtype=np.int64)
     probabilities = np.asarray(weights, dtype=np.float64) / np.sum(weights)
     deck, position = rng.permutation(n), 0
+    distinct = len(np.unique(labels))  # a frame holds at most this many characters
     for i in range(count):
         if len(backgrounds):
             used[i] = int(rng.integers(0, len(backgrounds)))
             images[i] = backgrounds[used[i]]
         else:
             images[i] = _flat_background(size, rng)
-        wanted = min(int(rng.choice(len(probabilities), p=probabilities)), len(np.unique(labels)))
+        wanted = min(int(rng.choice(len(probabilities), p=probabilities)), distinct)
         chosen: list[int] = []
         tries = 0
         while len(chosen) < wanted and tries < 2 * n + 4:
