@@ -46,7 +46,8 @@ DRIVER = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 t0 = time.monotonic()
-from simpsons_ray.labeling import LabelConfig, label
+from simpsons_ray.label.config import LabelConfig
+from simpsons_ray.label.run import label
 summary = label(LabelConfig(model_uri=sys.argv[2], frames_uri=sys.argv[3], output_uri=sys.argv[4], batch_size=64))
 print("RESULT " + json.dumps({
     "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -60,8 +61,9 @@ print("RESULT " + json.dumps({
 def save_model(path: str, classes: list[str], image_size: int = 32) -> None:
     import torch
 
-    from simpsons_ray.model import build_model, save_artifact
-    from simpsons_ray.preprocess import PreprocessConfig
+    from simpsons_ray.model.artifact import save_artifact
+    from simpsons_ray.model.network import build_model
+    from simpsons_ray.model.preprocess import PreprocessConfig
 
     torch.manual_seed(0)
     save_artifact(path, build_model("resnet18", len(classes)), "resnet18", classes, PreprocessConfig(image_size=image_size))
@@ -123,12 +125,11 @@ def _checkouts(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def bench_autoscale(args: argparse.Namespace, work: str) -> None:
-    from cluster_fixtures import FakeAutoscalingCluster
-    from imagegen import write_tar
-
     import numpy as np
 
-    from simpsons_ray.synthetic import class_image, encode
+    from cluster_fixtures import FakeAutoscalingCluster
+    from imagegen import write_tar
+    from simpsons_ray.demo.synthetic import class_image, encode
 
     model = os.path.join(work, "model")
     save_model(model, ["a", "b", "c"])

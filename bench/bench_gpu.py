@@ -61,7 +61,7 @@ def make_jpegs(count: int, width: int, height: int, seed: int = 0) -> list[bytes
     """Distinct JPEG frames of the generated characters at frame size (quality 90)."""
     from PIL import Image
 
-    from simpsons_ray.synthetic import class_image
+    from simpsons_ray.demo.synthetic import class_image
 
     rng = np.random.default_rng(seed)
     out = []
@@ -110,10 +110,12 @@ def bench_label(args, device, jpegs, workdir) -> list[tuple[str, float, str]]:
     import ray
     import torch
 
-    from simpsons_ray.labeling import LabelConfig, label
-    from simpsons_ray.predictor import FramePredictor
-    from simpsons_ray.model import build_model, save_artifact
-    from simpsons_ray.preprocess import PreprocessConfig
+    from simpsons_ray.label.config import LabelConfig
+    from simpsons_ray.label.predictor import FramePredictor
+    from simpsons_ray.label.run import label
+    from simpsons_ray.model.artifact import save_artifact
+    from simpsons_ray.model.network import build_model
+    from simpsons_ray.model.preprocess import PreprocessConfig
 
     frames = args.frames or (1000 if args.quick else 20000)
     classes = [f"c{i}" for i in range(40)]  # about the number of characters in the Kaggle set
@@ -132,7 +134,7 @@ def bench_label(args, device, jpegs, workdir) -> list[tuple[str, float, str]]:
             predictor.model(x).float().softmax(1).topk(3, dim=1)
 
     model_only = items_per_s(forward, device, steps, warmup=3, items_per_step=args.batch_size)
-    del predictor, x
+    predictor = x = None  # frees the device memory before the pipeline runs (forward() is done with them)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -178,7 +180,7 @@ def bench_decode(args, device, jpegs) -> list[tuple[str, float, str]]:
     import torchvision
     from torch.nn import functional as F
 
-    from simpsons_ray.preprocess import load_resized
+    from simpsons_ray.model.preprocess import load_resized
 
     size = args.image_size
     count = 256 if args.quick else 2048
@@ -217,9 +219,9 @@ def bench_train(args, device) -> list[tuple[str, float, str]]:
     import torch
     from torch import nn
 
-    from simpsons_ray.model import build_model
-    from simpsons_ray.preprocess import PreprocessConfig, normalize
-    from simpsons_ray.training import train_one_epoch
+    from simpsons_ray.model.network import build_model
+    from simpsons_ray.model.preprocess import PreprocessConfig, normalize
+    from simpsons_ray.train.steps import train_one_epoch
 
     steps = args.train_steps or (5 if args.quick else 50)
     warmup = 2 if args.quick else 10
@@ -245,7 +247,7 @@ def bench_train(args, device) -> list[tuple[str, float, str]]:
         return loss.item()
 
     plain_rate = items_per_s(plain_step, device, steps, warmup, items_per_step=n)
-    del model, optimizer, x
+    model = optimizer = x = None  # frees the device memory before the next measurement
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

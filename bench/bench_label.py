@@ -54,8 +54,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 from cluster_fixtures import process_tree  # noqa: E402  (the /proc walk the cluster tests use)
-from simpsons_ray.model import build_model, load_artifact, save_artifact  # noqa: E402
-from simpsons_ray.preprocess import PreprocessConfig  # noqa: E402
+from simpsons_ray.model.artifact import load_artifact, save_artifact  # noqa: E402
+from simpsons_ray.model.network import build_model
+from simpsons_ray.model.preprocess import PreprocessConfig  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "simpsons-mnist", "train")
@@ -126,7 +127,7 @@ def bench_model_only(model_dir: str, frames_dir: str, batch_size: int, device: s
     from PIL import Image
     from torchvision import transforms
 
-    from simpsons_ray.predictor import FramePredictor
+    from simpsons_ray.label.predictor import FramePredictor
 
     predictor = FramePredictor(model_dir, top_k=3, device=device, cpu_threads=os.cpu_count())
     preprocess = predictor.preprocess
@@ -243,7 +244,8 @@ def _run_pipeline(model_dir, frames_dir, output, batch_size, use_gpu, memory: Tr
 
     import ray
 
-    from simpsons_ray.labeling import LabelConfig, label
+    from simpsons_ray.label.config import LabelConfig
+    from simpsons_ray.label.run import label
 
     shutil.rmtree(output, ignore_errors=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

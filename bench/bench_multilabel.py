@@ -40,10 +40,12 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from simpsons_ray import compose, datasets, multilabel  # noqa: E402
-from simpsons_ray.evaluation import composite_frames, composite_scores, composite_sets  # noqa: E402
-from simpsons_ray.model import load_artifact  # noqa: E402
-from simpsons_ray.training import TrainConfig, train  # noqa: E402
+from simpsons_ray.model import multilabel  # noqa: E402
+from simpsons_ray.model.artifact import load_artifact  # noqa: E402
+from simpsons_ray.train import compose, datasets
+from simpsons_ray.train.config import TrainConfig
+from simpsons_ray.train.driver import train  # noqa: E402
+from simpsons_ray.train.evaluation import composite_frames, composite_scores, composite_sets  # noqa: E402
 
 DEFAULT_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "simpsons-kaggle")
 

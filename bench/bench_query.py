@@ -49,7 +49,7 @@ def generate(root: str, episodes: int, frames_per_episode: int, seed: int = 0) -
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from simpsons_ray import schema
+    from simpsons_ray.labels import schema
 
     rng = np.random.default_rng(seed)
     classes = pa.array(CHARACTERS, pa.string())

@@ -39,9 +39,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from simpsons_ray import calibration, datasets, metrics, storage  # noqa: E402
-from simpsons_ray.preprocess import load_resized, normalize  # noqa: E402
-from simpsons_ray.training import TrainConfig, train  # noqa: E402
+from simpsons_ray.core import storage  # noqa: E402
+from simpsons_ray.model import calibration, metrics
+from simpsons_ray.model.preprocess import load_resized, normalize  # noqa: E402
+from simpsons_ray.train import datasets
+from simpsons_ray.train.config import TrainConfig
+from simpsons_ray.train.driver import train  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "simpsons-kaggle", "train")
 

@@ -39,11 +39,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from simpsons_ray import datasets, metrics, storage  # noqa: E402
-from simpsons_ray.model import build_model  # noqa: E402
-from simpsons_ray.preprocess import TrainAugment, load_resized  # noqa: E402
-from simpsons_ray.recipe import LR_SCHEDULES, RECIPES, BatchMix, LrSchedule, WeightEma, make_optimizer  # noqa: E402
-from simpsons_ray.training import StepRecipe, TrainConfig, evaluate, train, train_one_epoch  # noqa: E402
+from simpsons_ray.core import storage  # noqa: E402
+from simpsons_ray.model import metrics
+from simpsons_ray.model.network import build_model  # noqa: E402
+from simpsons_ray.model.preprocess import TrainAugment, load_resized  # noqa: E402
+from simpsons_ray.train import datasets
+from simpsons_ray.train.config import (
+    RECIPES,  # noqa: E402
+    TrainConfig,
+)
+from simpsons_ray.train.driver import train  # noqa: E402
+from simpsons_ray.train.recipe import LR_SCHEDULES, BatchMix, LrSchedule, WeightEma, make_optimizer
+from simpsons_ray.train.steps import StepRecipe, evaluate, train_one_epoch
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "simpsons-mnist", "train")
 

@@ -43,9 +43,11 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from bench_label import TreeMemory, label_plainly  # noqa: E402
-from simpsons_ray import video as video_lib  # noqa: E402
-from simpsons_ray.model import build_model, save_artifact  # noqa: E402
-from simpsons_ray.preprocess import PreprocessConfig  # noqa: E402
+
+from simpsons_ray.media import video as video_lib  # noqa: E402
+from simpsons_ray.model.artifact import save_artifact  # noqa: E402
+from simpsons_ray.model.network import build_model  # noqa: E402
+from simpsons_ray.model.preprocess import PreprocessConfig  # noqa: E402
 
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "simpsons-kaggle", "train")
 FPS = 24
@@ -173,7 +175,8 @@ def pipeline(model_dir: str, frames_uri: str, output: str, sample_fps: float | N
 
     import ray
 
-    from simpsons_ray.labeling import LabelConfig, label
+    from simpsons_ray.label.config import LabelConfig
+    from simpsons_ray.label.run import label
 
     shutil.rmtree(output, ignore_errors=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

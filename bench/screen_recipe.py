@@ -34,11 +34,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from simpsons_ray import datasets, storage  # noqa: E402
-from simpsons_ray.model import build_model  # noqa: E402
-from simpsons_ray.preprocess import AugmentConfig, PreprocessConfig, TrainAugment, load_resized  # noqa: E402
-from simpsons_ray.recipe import BatchMix, LrSchedule, WeightEma, make_optimizer  # noqa: E402
-from simpsons_ray.training import StepRecipe, evaluate, train_one_epoch  # noqa: E402
+from simpsons_ray.core import storage  # noqa: E402
+from simpsons_ray.model.network import build_model  # noqa: E402
+from simpsons_ray.model.preprocess import AugmentConfig, PreprocessConfig, TrainAugment, load_resized  # noqa: E402
+from simpsons_ray.train import datasets
+from simpsons_ray.train.recipe import BatchMix, LrSchedule, WeightEma, make_optimizer  # noqa: E402
+from simpsons_ray.train.steps import StepRecipe, evaluate, train_one_epoch  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "simpsons-kaggle", "train")
 BASE = dict(opt="adamw", lr=2e-3, wd=0.05, sched="cosine", warmup=1.0, ls=0.1, policy="none", erasing=0.0, mixup=0.0,

@@ -7,10 +7,9 @@ import socket
 from fractions import Fraction
 
 import numpy as np
-
 from PIL import Image, ImageDraw
 
-from simpsons_ray.synthetic import PALETTE, SHAPES, class_image, encode, write_class_folders, write_tar  # noqa: F401
+from simpsons_ray.demo.synthetic import PALETTE, SHAPES, class_image, encode, write_class_folders, write_tar  # noqa: F401
 
 
 def free_port() -> int:
@@ -114,8 +113,9 @@ def train_shapes_model(path: str) -> str:
     """
     import torch
 
-    from simpsons_ray.model import build_model, save_artifact
-    from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize
+    from simpsons_ray.model.artifact import save_artifact
+    from simpsons_ray.model.network import build_model
+    from simpsons_ray.model.preprocess import PreprocessConfig, load_resized, normalize
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -199,9 +199,10 @@ def train_multilabel_shapes_model(path: str, temperature: float = 2.0) -> str:
     """
     import torch
 
-    from simpsons_ray import multilabel
-    from simpsons_ray.model import build_model, save_artifact
-    from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize
+    from simpsons_ray.model import multilabel
+    from simpsons_ray.model.artifact import save_artifact
+    from simpsons_ray.model.network import build_model
+    from simpsons_ray.model.preprocess import PreprocessConfig, load_resized, normalize
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

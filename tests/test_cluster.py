@@ -25,9 +25,11 @@ import yaml
 
 from cluster_fixtures import REPO, FakeAutoscalingCluster, LocalCluster, S3Proxy
 from imagegen import class_image, encode, upload_tree, write_class_folders, write_tar
-from simpsons_ray import cluster as cluster_lib
-from simpsons_ray import cli, query, schema, storage
-from simpsons_ray.model import load_artifact
+from simpsons_ray import cli, query
+from simpsons_ray.core import cluster as cluster_lib
+from simpsons_ray.core import storage
+from simpsons_ray.labels import schema
+from simpsons_ray.model.artifact import load_artifact
 
 CLUSTER_YAML = os.path.join(REPO, "cluster.yaml")
 CLASSES = ["bart", "homer", "lisa"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from simpsons_ray import console
+from simpsons_ray.core import console
 
 
 class _Terminal(io.StringIO):

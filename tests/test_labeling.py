@@ -40,19 +40,23 @@ from imagegen import (
     write_tar,
     write_video,
 )
-from simpsons_ray import frames as frames_lib
-from simpsons_ray import schema, video
-from simpsons_ray.commit import EpisodeWriter, LabelSettings
-from simpsons_ray.errors import UserError
-from simpsons_ray.frames import frame_number, list_episodes
-from simpsons_ray.ingest import JPEG, PIXELS, decode_frames, route_frames
-from simpsons_ray.labeling import LabelConfig, label
-from simpsons_ray.layout import OutputLayout
-from simpsons_ray.leases import LeaseKeeper
-from simpsons_ray.model import build_model, fold_batchnorm, load_artifact
-from simpsons_ray.pipeline import decode_in_predictor, predictor_pool
-from simpsons_ray.predictor import FramePredictor
-from simpsons_ray.preprocess import PreprocessConfig, load_resized, normalize_array
+from simpsons_ray.core.errors import UserError
+from simpsons_ray.label import episodes as frames_lib
+from simpsons_ray.label.commit import EpisodeWriter
+from simpsons_ray.label.config import LabelConfig
+from simpsons_ray.label.episodes import JPEG, PIXELS, frame_number, list_episodes
+from simpsons_ray.label.ingest import decode_frames, route_frames
+from simpsons_ray.label.leases import LeaseKeeper
+from simpsons_ray.label.predictor import FramePredictor
+from simpsons_ray.label.resources import decode_in_predictor, predictor_pool
+from simpsons_ray.label.run import label
+from simpsons_ray.label.settings import LabelSettings
+from simpsons_ray.labels import schema
+from simpsons_ray.labels.layout import OutputLayout
+from simpsons_ray.media import video
+from simpsons_ray.model.artifact import load_artifact
+from simpsons_ray.model.network import build_model, fold_batchnorm
+from simpsons_ray.model.preprocess import PreprocessConfig, load_resized, normalize_array
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = SHAPE_CLASSES
@@ -742,7 +746,7 @@ def test_gpu_flag_waits_for_gpus_then_fails_in_one_sentence_before_any_work(ray_
     """A joined cluster may autoscale: --gpu asks for a GPU and waits --wait-for-gpus seconds, then fails, having written nothing."""
     out = str(tmp_path / "out")
     started = time.monotonic()
-    with caplog.at_level("INFO", logger="simpsons_ray.labeling"), pytest.raises(UserError) as failure:
+    with caplog.at_level("INFO", logger="simpsons_ray.label"), pytest.raises(UserError) as failure:
         label(LabelConfig(model_uri=model_dir, frames_uri=local_run["frames"], output_uri=out, use_gpu=True, wait_for_gpus=2))
     assert time.monotonic() - started >= 2
     message = str(failure.value)
@@ -754,7 +758,7 @@ def test_gpu_flag_waits_for_gpus_then_fails_in_one_sentence_before_any_work(ray_
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the point is a cluster without GPUs")
 def test_gpu_flag_on_a_local_ray_started_by_the_job_fails_at_once(ray_session):
     """A local Ray cannot grow: no waiting there, and none with --wait-for-gpus 0."""
-    from simpsons_ray.pipeline import check_resources
+    from simpsons_ray.label.resources import check_resources
 
     config = LabelConfig(model_uri="m", frames_uri="f", output_uri="o", use_gpu=True)
     started = time.monotonic()

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from simpsons_ray import storage
-from simpsons_ray.leases import LeaseKeeper
+from simpsons_ray.core import storage
+from simpsons_ray.label.leases import LeaseKeeper
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -111,9 +111,10 @@ def test_a_dropped_episode_leaves_no_file_and_no_open_upload(s3_server):
     """A run that fails mid-episode drops what it wrote: the temporary file, and an upload the close could not finish."""
     import numpy as np
 
-    from simpsons_ray.commit import EpisodeWriter, LabelSettings
-    from simpsons_ray.frames import FOLDER, Episode
-    from simpsons_ray.layout import OutputLayout
+    from simpsons_ray.label.commit import EpisodeWriter
+    from simpsons_ray.label.episodes import FOLDER, Episode
+    from simpsons_ray.label.settings import LabelSettings
+    from simpsons_ray.labels.layout import OutputLayout
 
     bucket = s3_server.new_bucket()
     writer = EpisodeWriter(OutputLayout(f"s3://{bucket}/labels"), "run-1", Episode("E1", "s3://x/E1", FOLDER), ["a", "b"],

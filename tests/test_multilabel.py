@@ -13,13 +13,15 @@ import pytest
 import torch
 
 from imagegen import encode
-from simpsons_ray import calibration, compose, multilabel
-from simpsons_ray.errors import UserError
-from simpsons_ray.model import build_model
-from simpsons_ray.preprocess import AugmentConfig, PreprocessConfig, decode_rgb, normalize
-from simpsons_ray.synthetic import PALETTE, class_image_and_box, write_class_folders
-from simpsons_ray.training import train_one_epoch
-from simpsons_ray.training_data import AugmentingCollate, decode_batch
+from simpsons_ray.core.errors import UserError
+from simpsons_ray.demo.synthetic import PALETTE, class_image_and_box, write_class_folders
+from simpsons_ray.media.images import decode_rgb
+from simpsons_ray.model import calibration, multilabel
+from simpsons_ray.model.network import build_model
+from simpsons_ray.model.preprocess import AugmentConfig, PreprocessConfig, normalize
+from simpsons_ray.train import compose
+from simpsons_ray.train.data import AugmentingCollate, decode_batch
+from simpsons_ray.train.steps import train_one_epoch
 
 SIZE = 32
 CLASSES = ["bart", "homer", "lisa", "marge"]
@@ -148,7 +150,7 @@ def test_thresholds_are_each_characters_best_f1_cut():
 
 
 def test_temperature_and_thresholds_come_from_validation_only():
-    from simpsons_ray.training import multilabel_results
+    from simpsons_ray.train.results import multilabel_results
 
     rng = np.random.default_rng(1)
     targets = (rng.random((300, 4)) < 0.35).astype(np.float32)

@@ -23,8 +23,10 @@ import pytest
 from PIL import Image
 
 from imagegen import class_image, encode, upload_tree, write_tar
-from simpsons_ray import cli, plots, query, schema
-from simpsons_ray.errors import UserError
+from simpsons_ray import cli, query
+from simpsons_ray.core.errors import UserError
+from simpsons_ray.labels import schema
+from simpsons_ray.query import charts as plots
 
 CHARACTERS = ["homer_simpson", "marge_simpson", "bart_simpson", "ned_flanders", "krusty_the_clown"]
 # episode -> (rows, frame step, fps or None, how sources are stored)

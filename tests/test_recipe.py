@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from simpsons_ray import calibration, cli
-from simpsons_ray.model import build_model
-from simpsons_ray.preprocess import AugmentConfig, TrainAugment
-from simpsons_ray.recipe import RECIPES, BatchMix, LrSchedule, WeightEma, flip_tta, make_optimizer
-from simpsons_ray.training import Phase, TrainConfig, TrainState, _recorded_config, _Worker
-from simpsons_ray.training_data import AugmentingCollate
+from simpsons_ray import cli
+from simpsons_ray.model import calibration
+from simpsons_ray.model.network import build_model
+from simpsons_ray.model.preprocess import AugmentConfig, TrainAugment
+from simpsons_ray.train.config import Phase, TrainConfig, recipe_defaults, recorded_config
+from simpsons_ray.train.data import AugmentingCollate
+from simpsons_ray.train.recipe import BatchMix, LrSchedule, WeightEma, flip_tta, make_optimizer
+from simpsons_ray.train.state import TrainState
+from simpsons_ray.train.worker import _Worker
 
 
 def _parse_train(*flags: str) -> TrainConfig:
@@ -48,7 +51,7 @@ def test_default_recipe_and_single_knob_overrides():
     assert (config.recipe, config.optimizer, config.ema_decay, config.tta_flip) == ("notebook", "adam", 0.9, True)
     assert config.augment.policy == "randaugment"
     off = _parse_train("--no-tta-flip", "--ema-decay", "0", "--augment", "none")
-    assert (off.tta_flip, off.ema_decay, off.augment.policy, off.optimizer) == (False, 0.0, "none", RECIPES["default"]["optimizer"])
+    assert (off.tta_flip, off.ema_decay, off.augment.policy, off.optimizer) == (False, 0.0, "none", recipe_defaults("default")["optimizer"])
     linear = build_model("resnet18", 3, off.head_hidden, off.dropout).fc
     assert off.head_hidden == 0 and [type(m).__name__ for m in linear] == ["Dropout", "Linear"]
     # AdamW: decoupled decay on weights, none on BatchNorm scales and biases.
@@ -64,7 +67,7 @@ def test_records_older_than_recipes_resume_as_the_notebook_recipe():
                   if k not in ("recipe", "optimizer", "weight_decay", "warmup_epochs", "label_smoothing", "mixup_alpha",
                                "cutmix_alpha", "ema_decay", "tta_flip", "test_fraction")}
     old_record["augment"] = {"rotation_deg": 15.0, "shift": 0.1, "zoom": 0.1, "hflip": True}
-    assert _recorded_config(old_record) == TrainConfig.for_recipe("notebook", test_fraction=0.0).to_dict()
+    assert recorded_config(old_record) == TrainConfig.for_recipe("notebook", test_fraction=0.0).to_dict()
 
 
 def test_mixup_and_cutmix_targets_sum_to_one_and_carry_the_labels():

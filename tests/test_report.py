@@ -18,9 +18,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from simpsons_ray import cli, query, report, schema
 from test_query import CHARACTERS, ERRORS, dataset, expected_screen_time  # noqa: F401  (the four-episode labels fixture)
+
+from simpsons_ray import cli, query, report
+from simpsons_ray.labels import schema
+from simpsons_ray.report import facts as facts_lib
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
 
@@ -77,14 +79,14 @@ def expected_together(rows: pd.DataFrame) -> pd.DataFrame:
 def test_report_numbers_match_pandas(dataset, tmp_path):  # noqa: F811
     labels, rows = dataset
     config = report.ReportConfig(labels_uri=labels, output_uri=str(tmp_path / "r.html"))
-    _, facts = report.collect(config)
-    screen = report.screen_table(facts)
+    _, facts = facts_lib.collect(config)
+    screen = facts_lib.screen_table(facts)
     expected = expected_screen_time(rows, 0.0)
     merged = screen.merge(expected, on=["episode", "character"], suffixes=("", "_pandas"))
     assert len(merged) == len(expected) == len(screen)
     assert (merged["frames"] == merged["frames_pandas"]).all()
     np.testing.assert_allclose(merged["seconds"], merged["seconds_pandas"])
-    quality = report.quality_table(facts).set_index("episode")
+    quality = facts_lib.quality_table(facts).set_index("episode")
     assert quality["frames"].to_dict() == {**rows.groupby("episode").size().to_dict(), "s03e09": 0}
     assert quality["error_rows"].to_dict() == {e: ERRORS.get(e, 0) for e in quality.index}
     low = rows.groupby("episode")["confidence"].apply(lambda c: float((c < 0.5).mean()))
@@ -96,15 +98,15 @@ def test_report_numbers_match_pandas(dataset, tmp_path):  # noqa: F811
 
 def test_co_appearance_matches_pandas(multi_labels, tmp_path):
     labels, rows = multi_labels
-    _, facts = report.collect(report.ReportConfig(labels_uri=labels, output_uri=str(tmp_path / "r.html")))
-    together = report.together_table(facts).drop(columns="episodes")
+    _, facts = facts_lib.collect(report.ReportConfig(labels_uri=labels, output_uri=str(tmp_path / "r.html")))
+    together = facts_lib.together_table(facts).drop(columns="episodes")
     expected = expected_together(rows)
     merged = together.merge(expected, on=["a", "b"], suffixes=("", "_pandas"))
     assert len(merged) == len(expected) == len(together) == 3
     assert (merged["frames"] == merged["frames_pandas"]).all()
     np.testing.assert_allclose(merged["seconds"], merged["seconds_pandas"])
     # Screen time counts a shared frame for everyone on it.
-    screen = report.screen_table(facts).groupby("character")["frames"].sum()
+    screen = facts_lib.screen_table(facts).groupby("character")["frames"].sum()
     assert screen.to_dict() == rows["characters"].explode().dropna().value_counts().to_dict()
 
 

@@ -18,36 +18,27 @@ import torch
 from PIL import Image
 
 from imagegen import class_image, encode, free_port, write_class_folders, write_flat_test_folder
-from simpsons_ray import cli, datasets, metrics
-from simpsons_ray.errors import UserError
-from simpsons_ray.model import (
-    build_model,
-    freeze_frozen_batchnorm,
-    load_artifact,
-    load_backbone_weights,
-    read_artifact_config,
-    set_trainable,
-)
-from simpsons_ray.preprocess import (
-    AugmentConfig,
+from simpsons_ray import cli
+from simpsons_ray.core.errors import UserError
+from simpsons_ray.media.images import ImageDecodeError, decode_rgb
+from simpsons_ray.model import metrics
+from simpsons_ray.model.artifact import load_artifact, read_artifact_config
+from simpsons_ray.model.network import build_model, freeze_frozen_batchnorm, load_backbone_weights, set_trainable
+from simpsons_ray.model.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ImageDecodeError,
+    AugmentConfig,
     PreprocessConfig,
     TrainAugment,
-    decode_rgb,
     load_resized,
     normalize,
     normalize_array,
 )
-from simpsons_ray.recipe import LrSchedule
-from simpsons_ray.training_data import AugmentingCollate
-from simpsons_ray.training import (
-    EarlyStopping,
-    TrainConfig,
-    plan_phases,
-    train_one_epoch,
-)
+from simpsons_ray.train import datasets
+from simpsons_ray.train.config import TrainConfig, plan_phases
+from simpsons_ray.train.data import AugmentingCollate
+from simpsons_ray.train.recipe import LrSchedule
+from simpsons_ray.train.steps import EarlyStopping, train_one_epoch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["apu_nahasapeemapetilon", "bart_simpson", "homer_simpson", "lisa_simpson"]
@@ -429,7 +420,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, ray_session,
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     checkpoints = out / "_train"
-    from simpsons_ray.training import newest_stored_state
+    from simpsons_ray.train.state import newest_stored_state
 
     while time.time() < deadline and newest_stored_state(str(out)) is None:  # a complete first checkpoint
         assert first.poll() is None, "training ended before its first checkpoint"
@@ -503,7 +494,7 @@ def test_one_epoch_on_cuda_uses_bf16_and_channels_last():
 
 
 def test_newest_stored_checkpoint_is_found_when_ray_has_not_registered_it(tmp_path):
-    from simpsons_ray.training import TrainState, newest_stored_state
+    from simpsons_ray.train.state import TrainState, newest_stored_state
 
     assert newest_stored_state(str(tmp_path)) is None
     for name, epoch in (("checkpoint_2026-01-01_10-00-00.000001", 1), ("checkpoint_2026-01-01_10-00-05.000001", 2)):
@@ -517,8 +508,8 @@ def test_newest_stored_checkpoint_is_found_when_ray_has_not_registered_it(tmp_pa
 
 def test_checkpoint_lookup_tells_none_from_unreadable(tmp_path):
     """A missing or cut-short state file is passed over; storage that cannot be read fails instead of restarting from nothing."""
-    from simpsons_ray.errors import StorageError
-    from simpsons_ray.training import TrainState, newest_stored_state
+    from simpsons_ray.core.errors import StorageError
+    from simpsons_ray.train.state import TrainState, newest_stored_state
 
     old = tmp_path / "_train" / "checkpoint_2026-01-01_10-00-00.000001"
     old.mkdir(parents=True)
@@ -535,8 +526,8 @@ def test_a_storage_failure_while_decoding_stops_training_instead_of_skipping_ima
     """Only bytes that do not decode are skipped; a read the storage refuses fails the run (after Ray Data's retries)."""
     import pandas as pd
 
-    from simpsons_ray import training_data
-    from simpsons_ray.errors import StorageError
+    from simpsons_ray.core.errors import StorageError
+    from simpsons_ray.train import data as training_data
 
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
     good.write_bytes(encode(class_image(0, np.random.default_rng(0), 32), "PNG"))
@@ -554,7 +545,8 @@ def test_a_storage_failure_while_decoding_stops_training_instead_of_skipping_ima
 
 def test_decoding_flags_a_storage_failure_on_an_s3_endpoint_that_is_down(monkeypatch):
     """The same through pyarrow's S3 client, against an endpoint nobody answers: a storage failure, never an 'unreadable image'."""
-    from simpsons_ray import storage, training_data
+    from simpsons_ray.core import storage
+    from simpsons_ray.train import data as training_data
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
@@ -569,8 +561,8 @@ def test_decoding_flags_a_storage_failure_on_an_s3_endpoint_that_is_down(monkeyp
 
 def test_cpu_workers_are_sized_from_the_nodes_they_will_run_on(monkeypatch):
     """From the largest node (now or from the autoscaler's node types), not from the CPUs up at start-up."""
-    from simpsons_ray import cluster
-    from simpsons_ray.training import _cpus_per_worker
+    from simpsons_ray.core import cluster
+    from simpsons_ray.train.driver import _cpus_per_worker
 
     config = TrainConfig(num_workers=2)
     shapes = {"autoscaled 4 x 8 CPUs, none up yet": (8.0, 32.0, 7.0), "a 2-core laptop": (2.0, 2.0, 0.5),

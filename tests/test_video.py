@@ -19,11 +19,14 @@ import pytest
 from PIL import Image
 
 from imagegen import SHAPE_CLASSES, class_image, encode, upload_tree, write_audio_only, write_video
-from simpsons_ray import schema, video
-from simpsons_ray.commit import LabelSettings
-from simpsons_ray.errors import UserError
-from simpsons_ray.frames import VIDEO, list_episodes, split_source
-from simpsons_ray.labeling import LabelConfig, label
+from simpsons_ray.core.errors import UserError
+from simpsons_ray.label.config import LabelConfig
+from simpsons_ray.label.episodes import VIDEO, list_episodes
+from simpsons_ray.label.run import label
+from simpsons_ray.label.settings import LabelSettings
+from simpsons_ray.labels import schema
+from simpsons_ray.media import sources, video
+from simpsons_ray.media.sources import split_source
 
 FPS = 12
 SECONDS = 8
@@ -92,7 +95,7 @@ def test_ranges_give_every_sampled_frame_exactly_once(tmp_path, suffix, sample_f
         assert [f.frame for f in whole] == expected
     for f in whole:
         assert f.timestamp_s == pytest.approx(f.frame / FPS, abs=1e-3)
-        assert f.source == f"{path}#t={video.format_seconds(f.timestamp_s)}"
+        assert f.source == f"{path}#t={sources.format_seconds(f.timestamp_s)}"
 
 
 def test_variable_frame_rate_keeps_the_containers_times(tmp_path):
@@ -174,7 +177,7 @@ def test_video_labels_and_times_match_the_truth(sampled_run, videos):
         uri = os.path.join(videos["folder"], episode + suffix)
         assert mine["timestamp_s"].tolist() == [k / 2 for k in range(SECONDS * 2)]
         assert mine["frame"].tolist() == [k * FPS // 2 for k in range(SECONDS * 2)]
-        assert mine["source"].tolist() == [f"{uri}#t={video.format_seconds(k / 2)}" for k in range(SECONDS * 2)]
+        assert mine["source"].tolist() == [f"{uri}#t={sources.format_seconds(k / 2)}" for k in range(SECONDS * 2)]
     assert (df["label"] == df["timestamp_s"].map(truth)).mean() >= 0.95
 
 
@@ -248,7 +251,7 @@ def test_videos_on_s3_at_every_frame(ray_session, shapes_model, videos, sampled_
 
 
 def test_contact_sheet_reads_frames_from_the_video(videos, sampled_run, tmp_path):
-    from simpsons_ray import plots
+    from simpsons_ray.query import charts as plots
 
     df = read_labels(sampled_run["output"])
     rows = df[df["timestamp_s"].isin([2.5, 5.0])]

@@ -1,0 +1,110 @@
+"""The pictures behind labels rows, read back from their sources for contact sheets and the report.
+
+Files are read one by one, archives streamed once each (only until their last
+wanted member), videos opened once each and sought to every wanted time. A source
+that can't be read or decoded is None, and a sentence says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from PIL import Image, ImageOps
+
+from simpsons_ray.core import storage
+from simpsons_ray.core.errors import UserError
+from simpsons_ray.media import video
+from simpsons_ray.media.archives import ARCHIVE_ERRORS, iter_tar_members
+from simpsons_ray.media.images import ImageDecodeError, decode_rgb
+from simpsons_ray.media.sources import VIDEO_SUFFIXES, split_source
+
+log = logging.getLogger(__name__)
+
+
+_FETCH_THREADS = 8  # sources are independent objects; on S3 the threads wait on the network
+
+
+def thumbnail(data: "bytes | Image.Image | None", size: tuple[int, int]) -> Image.Image | None:
+    """An image's bytes or a decoded frame, fitted inside ``size`` (aspect kept); None where there is nothing to show."""
+    if data is None:
+        return None
+    if isinstance(data, Image.Image):
+        return ImageOps.contain(data.convert("RGB"), size)
+    try:
+        image = decode_rgb(data)
+    except ImageDecodeError as exc:
+        log.warning("thumbnail: %s", exc)
+        return None
+    return ImageOps.contain(image, size)
+
+
+Warn = Callable[[str], None]
+
+
+def fetch_sources(sources: list[str], warn: Warn | None = None) -> dict[str, "bytes | Image.Image | None"]:
+    """Each source's image bytes, or its decoded picture for a video frame (None where unreadable).
+
+    Files are read one by one, archives in one pass each, videos opened once each.
+    ``warn`` gets one sentence per source that can't be read (default: a log warning).
+    """
+    say: Warn = warn or (lambda message: log.warning("thumbnail: %s", message))
+    files: list[str] = []
+    archives: dict[str, set[str]] = {}
+    videos: dict[str, set[str]] = {}
+    for source in dict.fromkeys(sources):
+        container, member = split_source(source)
+        if member is None:
+            files.append(source)
+        elif container.lower().endswith(VIDEO_SUFFIXES):
+            videos.setdefault(container, set()).add(member)
+        else:
+            archives.setdefault(container, set()).add(member)
+    results: dict[str, bytes | Image.Image | None] = {}
+    with ThreadPoolExecutor(max_workers=_FETCH_THREADS) as pool:
+        for read in pool.map(lambda uri: _read_file(uri, say), files):
+            results.update(read)
+        for found in pool.map(lambda item: _read_archive(item[0], item[1], say), archives.items()):
+            results.update(found)
+        for pictures in pool.map(lambda item: _read_video(item[0], item[1], say), videos.items()):
+            results.update(pictures)
+    return results
+
+
+def _read_file(uri: str, warn: Warn) -> dict[str, bytes | None]:
+    try:
+        return {uri: storage.read_bytes(uri)}
+    except (OSError, UserError) as exc:
+        warn(f"cannot read {uri}: {exc}")
+        return {uri: None}
+
+
+def _read_archive(archive: str, members: set[str], warn: Warn) -> dict[str, bytes | None]:
+    """The wanted members of one archive, streamed once and only until the last of them."""
+    found: dict[str, bytes | None] = {f"{archive}#{m}": None for m in members}
+    wanted = {(m[2:] if m.startswith("./") else m): m for m in members}
+    try:
+        for tar, info in iter_tar_members(archive):
+            name = info.name[2:] if info.name.startswith("./") else info.name
+            if name in wanted:
+                handle = tar.extractfile(info)
+                found[f"{archive}#{wanted.pop(name)}"] = handle.read() if handle else None
+                if not wanted:
+                    break
+    except (OSError, UserError, *ARCHIVE_ERRORS) as exc:
+        warn(f"cannot read {archive}: {exc}")
+    for member in wanted.values():
+        warn(f"{archive} has no member {member}")
+    return found
+
+
+def _read_video(uri: str, members: set[str], warn: Warn) -> dict[str, Image.Image | None]:
+    """The frames of one video at the wanted times (``t=<seconds>`` members), the video opened once."""
+    times = {m: float(m[len("t="):]) for m in members}
+    try:
+        pictures = video.read_frames_at(uri, sorted(set(times.values())))
+    except (OSError, UserError, video.VideoError) as exc:
+        warn(f"cannot read {uri}: {exc}")
+        pictures = {}
+    return {f"{uri}#{m}": pictures.get(t) for m, t in times.items()}

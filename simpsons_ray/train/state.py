@@ -1,0 +1,86 @@
+"""What a training checkpoint holds, and finding the newest readable one in storage."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from simpsons_ray.core import storage
+from simpsons_ray.core.errors import storage_failure
+
+CHECKPOINT_RUN_NAME = "_train"  # OUTPUT/_train/: Ray Train's checkpoints and run record
+
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: enough to resume mid-run on any number of workers."""
+
+    phase_index: int = 0
+    epoch_in_phase: int = 0
+    epoch: int = 0  # global epoch counter
+    model: dict | None = None
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    best_loss: float = math.inf
+    bad_epochs: int = 0
+    best_model: dict | None = None  # what validation scored: the weight average when there is one
+    best_epoch: int = -1
+    ema: dict | None = None  # the weight average mid-phase
+    history: list = field(default_factory=list)
+    done: bool = False
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(dataclasses.asdict(self), buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "TrainState":
+        # weights_only: a checkpoint is data, never code.
+        return cls(**torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+
+
+def newest_stored_state(output_uri: str) -> TrainState | None:
+    """The newest readable checkpoint under OUTPUT/_train/; None only when there is none.
+
+    Ray Train registers a reported checkpoint only at its next poll of the
+    workers (every 2 s), so a worker that dies right after reporting can restart
+    with get_checkpoint() None although the checkpoint is already in storage.
+
+    A checkpoint cut short by the failure (its state file missing or truncated)
+    is passed over for the one before. Storage that cannot be read is not "no
+    checkpoint": it raises, and the run fails instead of starting over from
+    nothing (a rerun resumes once the storage answers).
+    """
+    root = storage.join(output_uri, CHECKPOINT_RUN_NAME)
+    try:
+        names = sorted((n for n, is_dir in storage.list_dir(root) if is_dir and n.startswith("checkpoint_")), reverse=True)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise storage_failure(f"the checkpoints under {root}", exc) from None
+    for name in names:  # names carry their timestamp, so newest sorts first
+        uri = storage.join(root, name, STATE_FILE)
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:  # the upload of this checkpoint never finished
+            continue
+        except OSError as exc:
+            raise storage_failure(uri, exc) from None
+        try:
+            return TrainState.from_bytes(data)
+        except Exception:  # truncated or corrupt bytes: try the one before
+            continue
+    return None
+
+
+def _cpu_state(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
