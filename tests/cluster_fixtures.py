@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from imagegen import free_port
+from waiting import wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -172,9 +173,7 @@ class LocalCluster:
 
     def kill_node(self, node: RayNode) -> None:
         node.kill()
-        deadline = time.monotonic() + 30
-        while any(_alive(p) for p in node.pids()) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: not any(_alive(p) for p in node.pids()), timeout=30)
         self.nodes.remove(node)
         shutil.rmtree(node.temp_dir, ignore_errors=True)
 
@@ -182,25 +181,21 @@ class LocalCluster:
         """Stop every node: SIGTERM, then SIGKILL what is left; remove the temp dirs."""
         pids = [p for n in self.nodes for p in n.pids()]
         _signal_all(pids, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: not any(_alive(p) for p in pids), timeout=15)
         _signal_all([p for n in self.nodes for p in n.pids()] + pids, signal.SIGKILL)
         for node in self.nodes:
             shutil.rmtree(node.temp_dir, ignore_errors=True)
         self.nodes.clear()
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def enough() -> bool:
             try:
-                alive = [n for n in self._get("/nodes?view=summary")["data"]["summary"] if n["raylet"]["state"] == "ALIVE"]
-                if len(alive) >= count:
-                    return
+                return sum(n["raylet"]["state"] == "ALIVE" for n in self._get("/nodes?view=summary")["data"]["summary"]) >= count
             except (OSError, KeyError, ValueError):
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"the cluster did not reach {count} live nodes in {timeout:.0f} s")
+                return False
+
+        if not wait_until(enough, timeout, every=0.5):
+            raise RuntimeError(f"the cluster did not reach {count} live nodes in {timeout:.0f} s")
 
     # ------------------------------------------------------------------------ jobs
     def _get(self, path: str) -> dict:
@@ -237,26 +232,31 @@ class LocalCluster:
 
     def wait(self, job_id: str, timeout: float = 300) -> str:
         """Block until the job ends; returns its final status (or raises, with its logs, on timeout)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ended() -> str | None:
             status = self.status(job_id)
-            if status in TERMINAL:
-                return status
-            time.sleep(1)
+            return status if status in TERMINAL else None
+
+        status = wait_until(ended, timeout, every=0.5)
+        if status:
+            return status
         self.ray("job", "stop", "--address", self.address, job_id)
         raise TimeoutError(f"job {job_id} still running after {timeout:.0f} s; its logs:\n{self.logs(job_id)[-5000:]}")
 
     def wait_for_log(self, job_id: str, text: str, timeout: float = 300) -> str:
         """Block until ``text`` appears in the job's logs; returns the logs."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def logged() -> str | None:
             logs = self.logs(job_id)
             if text in logs:
                 return logs
             if self.status(job_id) in TERMINAL:
                 raise AssertionError(f"job {job_id} ended before logging {text!r}; its logs:\n{logs[-5000:]}")
-            time.sleep(0.3)
-        raise TimeoutError(f"job {job_id} did not log {text!r} in {timeout:.0f} s")
+            return None
+
+        found = wait_until(logged, timeout, every=0.3)
+        if found is None:
+            raise TimeoutError(f"job {job_id} did not log {text!r} in {timeout:.0f} s")
+        return found
 
     def worker_processes(self, title: str) -> list[int]:
         """Pids of this cluster's Ray worker processes whose title contains ``title``."""
@@ -437,8 +437,6 @@ class FakeAutoscalingCluster:
     def stop(self) -> None:
         pids = self.pids()
         _signal_all(pids, signal.SIGTERM)
-        deadline = time.monotonic() + 5  # nothing here needs a graceful end
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)  # nothing here needs a graceful end
         _signal_all(self.pids() + pids, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -10,12 +10,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 
 from imagegen import free_port  # noqa: E402  (tests/ is on sys.path under pytest)
+from waiting import wait_until  # noqa: E402
 
 # Set before anything starts Ray, so that Ray's workers inherit the same
 # environment as this process (AWS endpoint included).
@@ -48,14 +48,15 @@ class S3Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("moto S3 server did not start")
+        if not wait_until(self.answers, timeout=30, every=0.1):
+            raise RuntimeError("moto S3 server did not start")
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.proc is not None:

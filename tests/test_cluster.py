@@ -30,6 +30,7 @@ from simpsons_ray.core import cluster as cluster_lib
 from simpsons_ray.core import storage
 from simpsons_ray.labels import schema
 from simpsons_ray.model.artifact import load_artifact
+from waiting import wait_until
 
 CLUSTER_YAML = os.path.join(REPO, "cluster.yaml")
 CLASSES = ["bart", "homer", "lisa"]
@@ -267,9 +268,7 @@ def test_two_jobs_on_one_output_survive_losing_a_worker_node(cluster, s3_server,
     cluster.wait_for_log(first, "committed", timeout=300)
     # Kill the node while it holds part of the jobs (a read, decode or predictor worker): of
     # either job, as long as one runs (on a quiet machine the first can end before the node gets work).
-    deadline = time.monotonic() + 60
-    while not victim.busy_workers() and time.monotonic() < deadline and "RUNNING" in (cluster.status(first), cluster.status(second)):
-        time.sleep(0.2)
+    wait_until(lambda: victim.busy_workers() or "RUNNING" not in (cluster.status(first), cluster.status(second)), timeout=60)
     busy = victim.busy_workers()
     assert busy, "the worker node never ran part of the labeling jobs"
     cluster.kill_node(victim)
@@ -324,33 +323,54 @@ def test_node_types_come_from_the_cluster_launchers_config(ray_session, tmp_path
     assert cluster_lib.node_types() is None  # the test session's local Ray: no autoscaler
 
 
+# Ray Data's cluster autoscaler asks for a node once the cluster's logical CPU use, averaged
+# over a window (10 s by default), stays above 0.75, at most every 10 s; on these 2-CPU
+# nodes a labeling job's reservations (a decode task's CPU, half of the actor's) sit right
+# at that line, so with the defaults the second node came 40-80 s into the job, and a
+# 3,600-frame job on a quiet machine had ended by then. Shorter windows make the request
+# come within seconds of the load; the job is then far longer than the time growth takes.
+FAST_RAY_DATA_AUTOSCALER = {"RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S": "2", "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2"}
+
+
 @pytest.mark.slow
 def test_labeling_scales_out_on_an_autoscaling_cluster_that_starts_with_no_workers(shapes_model, tmp_path):
-    """Ray's fake autoscaler adds worker nodes for the job's tasks; the predictor pool grows past one actor onto them."""
-    counts = make_frames(str(tmp_path / "frames"), episodes=6, per_episode=600, seed=9)
-    output = str(tmp_path / "labels")
+    """Ray's fake autoscaler adds worker nodes for the job's tasks; the predictor pool grows past one actor onto them.
+
+    The job has minutes of work (24,000 frames), so it is still running when the pool
+    grows; the test stops it once growth is seen, or fails, with the timeline, if the
+    pool never grows while the frames queue. Every frame landing exactly once is the
+    other cluster tests' to prove.
+    """
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    pictures = [encode(class_image(k % len(CLASSES), np.random.default_rng(k), 40)) for k in range(12)]
+    for e in range(8):
+        write_tar(str(frames / f"S01E{e + 1:02d}.tar"), {f"frame_{i:05d}.jpg": pictures[i % 12] for i in range(3000)})
     autoscaling = FakeAutoscalingCluster(worker_cpus=2, max_workers=2)
     log = tmp_path / "job.log"
-    nodes, actors = [], []
+    timeline: list[tuple[float, int, int]] = []  # (seconds, worker nodes, predictor actors)
     try:
         autoscaling.start()
         assert autoscaling.worker_nodes() == 0
+        start = time.monotonic()
         with open(log, "w") as out:
             job = subprocess.Popen(
-                [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--model", shapes_model, "--frames", str(tmp_path / "frames"),
-                 "--output", output, "--batch-size", "8"],
-                env=autoscaling.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--model", shapes_model, "--frames", str(frames),
+                 "--output", str(tmp_path / "labels"), "--batch-size", "8"],
+                env={**autoscaling.env, **FAST_RAY_DATA_AUTOSCALER}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
-            deadline = time.monotonic() + 400
-            while job.poll() is None and time.monotonic() < deadline:
-                nodes.append(autoscaling.worker_nodes())
-                actors.append(autoscaling.actors("FramePredictor"))
-                time.sleep(0.5)
-            if job.poll() is None:
-                job.kill()
-            assert job.wait() == 0, log.read_text()[-5000:]
+
+            def grown() -> bool:
+                timeline.append((round(time.monotonic() - start), autoscaling.worker_nodes(), autoscaling.actors("FramePredictor")))
+                return timeline[-1][2] >= 2 or job.poll() is not None
+
+            wait_until(grown, timeout=300, every=0.5)
+            running = job.poll() is None
+            job.terminate()
+            job.wait(timeout=60)
     finally:
         autoscaling.stop()
-    assert max(nodes) >= 1, "the autoscaler never added a worker node"
-    assert max(actors) >= 2, f"the predictor pool never grew past one actor (actors over time: {actors[::4]})"
-    assert_one_row_per_frame(output, counts)
+    shown = f"(seconds, nodes, actors): {timeline[::4]}; the job's log ends: {log.read_text()[-2000:]}"
+    assert running, f"the job ended before the pool grew {shown}"
+    assert max(nodes for _, nodes, _ in timeline) >= 1, f"the autoscaler never added a worker node {shown}"
+    assert max(actors for _, _, actors in timeline) >= 2, f"the predictor pool never grew past one actor {shown}"

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import srt
 import webvtt
-from test_query import dataset  # noqa: F401  (the four-episode labels fixture)
 
 from simpsons_ray import cli, query
 from simpsons_ray.core.errors import UserError
 from simpsons_ray.query import exports
+from test_query import dataset  # noqa: F401  (the four-episode labels fixture)
 
 
 def _segments(**columns) -> pd.DataFrame:

@@ -57,6 +57,7 @@ from simpsons_ray.media import video
 from simpsons_ray.model.artifact import load_artifact
 from simpsons_ray.model.network import build_model, fold_batchnorm
 from simpsons_ray.model.preprocess import PreprocessConfig, load_resized, normalize_array
+from waiting import wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = SHAPE_CLASSES
@@ -805,11 +806,8 @@ def test_killed_run_resumes_with_exactly_one_row_per_frame(ray_session, model_di
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     progress = os.path.join(output, "_progress")
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.isdir(progress) and any(n.endswith(".json") for n in os.listdir(progress)):
-                break
-            time.sleep(0.02)
+        wait_until(lambda: proc.poll() is not None or (os.path.isdir(progress) and any(n.endswith(".json") for n in os.listdir(progress))),
+                   timeout=120, every=0.02)
         assert proc.poll() is None, "the labeling subprocess ended before it could be killed"
     finally:
         _kill_session(proc)

@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from simpsons_ray.core import storage
 from simpsons_ray.label.leases import LeaseKeeper
+from waiting import wait_until
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -55,33 +55,65 @@ def test_racing_jobs_split_the_episodes_between_them(output):
     assert sorted(held) == episodes  # each exactly once
 
 
+class Clock:
+    """A clock the test moves by hand (seconds since the epoch, as leases record them), and a sleep that moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_an_expired_lease_is_taken_over_and_its_holder_notices(output):
-    slow = LeaseKeeper(output, "job-slow", ttl_s=0.5, settle_s=0)
+    clock = Clock()
+    slow = LeaseKeeper(output, "job-slow", ttl_s=60, settle_s=0, clock=clock, sleep=clock.sleep)
     assert slow.acquire(["E1"])[0] == ["E1"]
-    other = LeaseKeeper(output, "job-other", settle_s=0.2)
+    other = LeaseKeeper(output, "job-other", settle_s=2, clock=clock, sleep=clock.sleep)
+    clock.sleep(59)
     assert other.acquire(["E1"]) == ([], {"E1": "job-slow"})
-    time.sleep(0.6)  # no heartbeat: the lease expires
+    clock.sleep(1)  # no heartbeat: the lease expires
     assert other.acquire(["E1"]) == (["E1"], {})
     assert not slow.still_mine("E1") and slow.lost == {"E1"}
     assert other.live_jobs() == {"job-other"}
 
 
 def test_the_heartbeat_renews_and_the_end_of_the_job_releases(output):
-    keeper = LeaseKeeper(output, "job-a", ttl_s=1.0, heartbeat_s=0.2, settle_s=0)
-    with keeper:
+    clock = Clock()
+    keeper = LeaseKeeper(output, "job-a", ttl_s=60, heartbeat_s=0.05, settle_s=0, clock=clock)
+    other = LeaseKeeper(output, "job-b", settle_s=0, clock=clock)
+    with keeper:  # the heartbeat thread: it renews on its own
         keeper.acquire(["E1", "E2"])
         first = storage.read_json(keeper.uri("E1"))["heartbeat_unix"]
-        time.sleep(1.5)  # past the TTL: only the heartbeat keeps the lease live
+        clock.sleep(45)
+        assert wait_until(lambda: storage.read_json(keeper.uri("E1"))["heartbeat_unix"] > first, timeout=10, every=0.02)
+        clock.sleep(45)  # 90 s after the lease was taken, past its TTL: only the heartbeat keeps it live
         lease = storage.read_json(keeper.uri("E1"))
-        assert lease["heartbeat_unix"] > first and keeper.is_live(lease)
-        assert LeaseKeeper(output, "job-b", settle_s=0).acquire(["E1"]) == ([], {"E1": "job-a"})
+        assert keeper.is_live(lease)
+        assert other.acquire(["E1"]) == ([], {"E1": "job-a"})
     assert keeper.read("E1") is None and keeper.read("E2") is None
+
+
+def test_a_heartbeat_notices_a_lease_taken_over_and_stops_renewing_it(output):
+    clock = Clock()
+    slow = LeaseKeeper(output, "job-slow", ttl_s=60, settle_s=0, clock=clock)
+    slow.acquire(["E1", "E2"])
+    clock.sleep(61)  # the heartbeat stalled past the TTL
+    taker = LeaseKeeper(output, "job-taker", settle_s=0, clock=clock)
+    assert taker.acquire(["E1"]) == (["E1"], {})
+    slow.beat()
+    assert slow.lost == {"E1"} and slow.held == {"E2"}
+    assert storage.read_json(slow.uri("E1"))["job"] == "job-taker"  # not overwritten by the renewal
+    assert storage.read_json(slow.uri("E2"))["heartbeat_unix"] == clock.now
 
 
 def test_a_dead_process_on_this_machine_holds_nothing(tmp_path):
     """A job killed outright: a rerun on the same machine takes its episodes at once, not after the TTL."""
     output = str(tmp_path / "labels")
-    code = ("import sys; from simpsons_ray.leases import LeaseKeeper; "
+    code = ("import sys; from simpsons_ray.label.leases import LeaseKeeper; "
             "print(LeaseKeeper(sys.argv[1], 'job-killed', settle_s=0).acquire(['E1'])[0])")
     done = subprocess.run([sys.executable, "-c", code, output], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})

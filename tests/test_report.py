@@ -11,18 +11,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_query import CHARACTERS, ERRORS, dataset, expected_screen_time  # noqa: F401  (the four-episode labels fixture)
 
 from simpsons_ray import cli, query, report
 from simpsons_ray.labels import schema
 from simpsons_ray.report import facts as facts_lib
+from test_query import CHARACTERS, ERRORS, dataset, expected_screen_time  # noqa: F401  (the four-episode labels fixture)
+from waiting import wait_until
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
 
@@ -146,9 +146,8 @@ def browser():
     # browser beside the first tests, and says so in CI_BROWSER_INSTALL_DONE. There the
     # tests wait for the install and fail without a browser; elsewhere they skip, saying why.
     done = os.environ.get("CI_BROWSER_INSTALL_DONE")
-    deadline = time.monotonic() + 600
-    while done and not os.path.exists(done) and time.monotonic() < deadline:
-        time.sleep(2)
+    if done:
+        wait_until(lambda: os.path.exists(done), timeout=600, every=2)
     chromium, chromedriver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
     if not (chromium and chromedriver):
         if done:

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -39,6 +38,7 @@ from simpsons_ray.train.config import TrainConfig, plan_phases
 from simpsons_ray.train.data import AugmentingCollate
 from simpsons_ray.train.recipe import LrSchedule
 from simpsons_ray.train.steps import EarlyStopping, train_one_epoch
+from waiting import wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["apu_nahasapeemapetilon", "bart_simpson", "homer_simpson", "lisa_simpson"]
@@ -418,13 +418,12 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, ray_session,
             "--ema-decay", "0.9", "--batch-size", "4"]  # 3 steps an epoch per worker: the average moves off the weights
     env = {**os.environ, "RAY_ADDRESS": "local"}
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
     checkpoints = out / "_train"
     from simpsons_ray.train.state import newest_stored_state
 
-    while time.time() < deadline and newest_stored_state(str(out)) is None:  # a complete first checkpoint
-        assert first.poll() is None, "training ended before its first checkpoint"
-        time.sleep(0.5)
+    # A complete first checkpoint.
+    assert wait_until(lambda: first.poll() is not None or newest_stored_state(str(out)) is not None, timeout=300, every=0.5)
+    assert first.poll() is None, "training ended before its first checkpoint"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (out / "metrics.json").exists()

@@ -29,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from simpsons_ray.core import storage
 
@@ -45,7 +45,9 @@ class LeaseKeeper:
     """The leases of one job on one output."""
 
     def __init__(self, output_uri: str, job_id: str, ttl_s: float = LEASE_TTL_S, heartbeat_s: float = HEARTBEAT_S,
-                 settle_s: float = SETTLE_S):
+                 settle_s: float = SETTLE_S, clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
+        """``clock`` (seconds since the epoch, as leases record them) and ``sleep`` are injectable, for tests of expiry."""
+        self.clock, self.sleep = clock, sleep
         self.root = storage.join(output_uri, LEASES_DIR)
         self.job_id = job_id
         self.ttl_s = ttl_s
@@ -80,7 +82,7 @@ class LeaseKeeper:
         """
         if not lease:
             return False
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         if now - float(lease.get("heartbeat_unix", 0)) >= float(lease.get("ttl_s", self.ttl_s)):
             return False
         return not (lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", 0))))
@@ -90,7 +92,7 @@ class LeaseKeeper:
         names = [e.relpath[: -len(".json")] for e in storage.list_files(self.root, recursive=False)
                  if e.relpath.endswith(".json") and ".tmp-" not in e.relpath]
         leases = storage.in_threads(self.read, names)
-        now = time.time()
+        now = self.clock()
         return {str(lease["job"]) for lease in leases if self.is_live(lease, now)}
 
     # ------------------------------------------------------------------ taking
@@ -107,7 +109,7 @@ class LeaseKeeper:
         held = [e for e in episode_ids if created[e]]
         taken = [e for e in episode_ids if not created[e]]
         current = dict(zip(taken, storage.in_threads(self.read, taken)))
-        now = time.time()
+        now = self.clock()
         elsewhere: dict[str, str] = {}
         expired = []
         for eid, lease in current.items():
@@ -118,7 +120,7 @@ class LeaseKeeper:
                 expired.append(eid)
         if expired:
             storage.in_threads(self._write, expired)
-            time.sleep(self.settle_s)
+            self.sleep(self.settle_s)
             for eid, lease in zip(expired, storage.in_threads(self.read, expired)):
                 if lease and lease.get("job") == self.job_id:
                     held.append(eid)
@@ -168,22 +170,26 @@ class LeaseKeeper:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            with self._lock:
-                held = list(self.held)
             try:
-                current = dict(zip(held, storage.in_threads(self.read, held)))
-                for eid, lease in current.items():
-                    if lease and lease.get("job") != self.job_id:
-                        logger.warning("label: episode %s: job %s took its lease over (this job was too slow to renew it); "
-                                       "its rows from this job will be dropped", eid, lease.get("job"))
-                        with self._lock:
-                            self.held.discard(eid)
-                            self.lost.add(eid)
-                with self._lock:
-                    renew = [eid for eid in held if eid in self.held]
-                storage.in_threads(self._write, renew)
+                self.beat()
             except OSError as exc:  # storage briefly away: the next beat tries again, well within the TTL
                 logger.warning("label: could not renew the episode leases: %s", exc)
+
+    def beat(self) -> None:
+        """One heartbeat: note the leases another job took over, renew the others."""
+        with self._lock:
+            held = list(self.held)
+        current = dict(zip(held, storage.in_threads(self.read, held)))
+        for eid, lease in current.items():
+            if lease and lease.get("job") != self.job_id:
+                logger.warning("label: episode %s: job %s took its lease over (this job was too slow to renew it); "
+                               "its rows from this job will be dropped", eid, lease.get("job"))
+                with self._lock:
+                    self.held.discard(eid)
+                    self.lost.add(eid)
+        with self._lock:
+            renew = [eid for eid in held if eid in self.held]
+        storage.in_threads(self._write, renew)
 
     def _lease(self, episode_id: str) -> bytes:
         return storage.json_bytes({
@@ -191,7 +197,7 @@ class LeaseKeeper:
             "job": self.job_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "heartbeat_unix": time.time(),
+            "heartbeat_unix": self.clock(),
             "ttl_s": self.ttl_s,
         })
 

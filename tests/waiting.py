@@ -1,0 +1,23 @@
+"""The one way tests wait for something: poll a condition until it holds or time runs out."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout: float, every: float = 0.2, clock: Callable[[], float] = time.monotonic,
+               sleep: Callable[[float], None] = time.sleep) -> T:
+    """``condition()`` again every ``every`` seconds until it is truthy or ``timeout`` seconds have passed; its last value.
+
+    The caller asserts on what comes back, so a timeout fails where the reason is known.
+    ``clock`` and ``sleep`` are injectable: a test of this helper runs in no time.
+    """
+    deadline = clock() + timeout
+    while True:
+        value = condition()
+        if value or clock() >= deadline:
+            return value
+        sleep(every)
