@@ -438,6 +438,7 @@ def test_weights_that_are_not_the_artifacts_are_refused(model_dir, local_run, tm
 
 
 # --------------------------------------------------------------------------- S3
+@pytest.mark.slow
 def test_s3_frames_model_and_output(ray_session, model_dir, s3_server, s3_bucket, tmp_path):
     frames_dir = str(tmp_path / "frames")
     dump = make_dump(frames_dir, seed=3, per_episode=6)
@@ -783,6 +784,7 @@ def test_cli_prints_one_sentence_and_exits_2(model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ kill and resume
+@pytest.mark.slow
 def test_killed_run_resumes_with_exactly_one_row_per_frame(ray_session, model_dir, tmp_path):
     rng = np.random.default_rng(11)
     frames_dir, output = tmp_path / "frames", str(tmp_path / "labels")

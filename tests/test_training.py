@@ -405,6 +405,7 @@ def test_train_two_workers_learns_and_writes_a_complete_artifact(tmp_path, ray_s
     assert "different settings (finetune_epochs)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, ray_session, capsys):
     """SIGKILL the whole job after its first checkpoint; the rerun continues from there."""
     data, out = tmp_path / "data", tmp_path / "model"

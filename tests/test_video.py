@@ -230,6 +230,7 @@ def test_bad_videos_are_error_rows_and_the_run_goes_on_beside_a_dump(ray_session
         label(dataclasses.replace(config, sample_fps=4.0, episodes=("good", "dump")))
 
 
+@pytest.mark.slow
 def test_videos_on_s3_at_every_frame(ray_session, shapes_model, videos, sampled_run, s3_server, s3_bucket):
     """The second sampling rate, read from the S3 server: every frame, the same scores where the two rates meet."""
     client = s3_server.client()
