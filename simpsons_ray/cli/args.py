@@ -11,20 +11,6 @@ def csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def positive_int(text: str) -> int:
-    value = whole_number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = whole_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
 def whole_number(text: str) -> int:
     try:
         return int(text)
@@ -39,39 +25,24 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text}") from None
 
 
-def positive_float(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def _bounded(parse: Callable[[str], Any], allowed: Callable[[Any], bool], wanted: str) -> Callable[[str], Any]:
+    """An argument type: ``parse`` the text, then refuse a value ``allowed`` rejects, saying it ``must be`` ``wanted``."""
+    def convert(text: str) -> Any:
+        value = parse(text)
+        if not allowed(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    return convert
 
 
-def non_negative_float(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    value = _number(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = _number(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = _number(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+positive_int = _bounded(whole_number, lambda v: v > 0, "a positive integer")
+non_negative_int = _bounded(whole_number, lambda v: v >= 0, "0 or more")
+positive_float = _bounded(_number, lambda v: v > 0, "a positive number")
+non_negative_float = _bounded(_number, lambda v: v >= 0, "0 or more")
+unit_interval = _bounded(_number, lambda v: 0.0 <= v < 1.0, "at least 0 and below 1")
+fraction = _bounded(_number, lambda v: 0.0 < v < 1.0, "between 0 and 1")
+probability = _bounded(_number, lambda v: 0.0 <= v <= 1.0, "between 0 and 1")
 
 
 def sample_fps(text: str) -> float | None:
