@@ -102,13 +102,18 @@ def binned(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) ->
     return Reliability(edges, mean_conf, mean_acc, count)
 
 
-def summary(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, float]:
-    """ECE and NLL before (T = 1) and after temperature scaling."""
+def summary(logits: np.ndarray, labels: np.ndarray, temperature: float, probabilities=None, loss=None, curve=None) -> dict[str, float]:
+    """ECE and NLL before (T = 1) and after temperature scaling: a softmax's by default.
+
+    A multi-label model passes its own ``probabilities`` (sigmoid), ``loss`` (binary
+    NLL) and reliability ``curve`` (over every frame and character).
+    """
+    probabilities, loss, curve = probabilities or softmax, loss or nll, curve or reliability
     return {
         "temperature": temperature,
-        "ece_before": reliability(softmax(logits), labels).ece,
-        "ece_after": reliability(softmax(logits, temperature), labels).ece,
-        "nll_before": nll(logits, labels),
-        "nll_after": nll(logits, labels, temperature),
+        "ece_before": curve(probabilities(logits), labels).ece,
+        "ece_after": curve(probabilities(logits, temperature), labels).ece,
+        "nll_before": loss(logits, labels),
+        "nll_after": loss(logits, labels, temperature),
         "num_images": int(len(labels)),
     }

@@ -51,24 +51,43 @@ def choose_thresholds(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     left out, so a frame scored exactly as a validation frame falls on the same side.
     A character with no positive frame keeps :data:`DEFAULT_THRESHOLD`.
     """
+    return _per_character(scores, targets, _best_f1_keep)
+
+
+def count_thresholds(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per character, the cut that names it on exactly as many of these (validation) frames as it is on.
+
+    The cut lies halfway between the k-th and (k+1)-th highest scores, k the
+    character's true frames, so its predicted screen time on these frames is its
+    true screen time (ties aside). A character with no positive frame keeps
+    :data:`DEFAULT_THRESHOLD`.
+    """
+    return _per_character(scores, targets, lambda ranked, truth: int(truth.sum()))
+
+
+def _per_character(scores: np.ndarray, targets: np.ndarray, keep) -> np.ndarray:
+    """Each character's cut, halfway between the ``keep(ranked scores, their truth)``-th highest score and the next."""
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets) > 0.5
     thresholds = np.full(scores.shape[1], DEFAULT_THRESHOLD)
     for c in range(scores.shape[1]):
-        positives = int(targets[:, c].sum())
-        if positives == 0:
+        if not targets[:, c].any():
             continue
         order = np.argsort(-scores[:, c], kind="stable")
-        s, t = scores[order, c], targets[order, c]
-        tp = np.cumsum(t)
-        kept = np.arange(1, len(s) + 1)
-        # Only cut between distinct scores: the last index of each run of equal scores.
-        last = np.r_[s[1:] != s[:-1], True]
-        f1 = np.where(last, 2 * tp / (kept + positives), -1.0)
-        best = int(np.argmax(f1))
-        below = s[best + 1] if best + 1 < len(s) else 0.0
-        thresholds[c] = (s[best] + below) / 2
+        ranked = scores[order, c]
+        kept = keep(ranked, targets[order, c])
+        below = ranked[kept] if kept < len(ranked) else 0.0
+        thresholds[c] = (ranked[kept - 1] + below) / 2
     return thresholds
+
+
+def _best_f1_keep(ranked: np.ndarray, truth: np.ndarray) -> int:
+    """How many of the highest scores to keep for the best F1, cutting only between distinct scores."""
+    tp = np.cumsum(truth)
+    kept = np.arange(1, len(ranked) + 1)
+    last = np.r_[ranked[1:] != ranked[:-1], True]  # the last index of each run of equal scores
+    f1 = np.where(last, 2 * tp / (kept + truth.sum()), -1.0)
+    return int(np.argmax(f1)) + 1
 
 
 def predicted_sets(scores: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
@@ -159,14 +178,9 @@ def reliability(scores: np.ndarray, targets: np.ndarray) -> "calibration.Reliabi
 
 def calibration_summary(logits: np.ndarray, targets: np.ndarray, temperature: float) -> dict[str, float]:
     """ECE (over every frame and character) and binary NLL, before (T = 1) and after temperature scaling."""
-    return {
-        "temperature": temperature,
-        "ece_before": reliability(sigmoid(logits), targets).ece,
-        "ece_after": reliability(sigmoid(logits, temperature), targets).ece,
-        "nll_before": binary_nll(logits, targets),
-        "nll_after": binary_nll(logits, targets, temperature),
-        "num_images": int(len(targets)),
-    }
+    from simpsons_ray.model import calibration
+
+    return calibration.summary(logits, targets, temperature, sigmoid, binary_nll, reliability)
 
 
 def score(logits: np.ndarray, targets: np.ndarray, classes: Sequence[str], temperature: float, thresholds: np.ndarray) -> dict[str, Any]:
