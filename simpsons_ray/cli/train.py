@@ -47,15 +47,16 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--boxes", default="", metavar="CSV",
                    help="composites: the pictures' boxes (default: annotation.csv beside --data, if there; 'none': whole pictures)")
     p.add_argument("--min-confidence", type=probability, default=None,
-                   help="composites: one probability cut for every character instead of the model's own thresholds")
+                   help="one probability cut for every character instead of the model's own thresholds (a single-label model: "
+                        "the top-1 it needs to name anyone)")
     p.set_defaults(run=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from simpsons_ray.train.evaluation import EvaluateConfig, evaluate_model
 
-    if args.composites == 0 and (args.min_confidence is not None or args.boxes):
-        raise UserError("--min-confidence and --boxes apply to --composites N only.")
+    if args.composites == 0 and args.boxes:
+        raise UserError("--boxes applies to --composites N only.")
     evaluate_model(EvaluateConfig(model_uri=args.model, data_uri=args.data, batch_size=args.batch_size, as_json=args.json,
                                   composites=args.composites, seed=args.seed, boxes=args.boxes, min_confidence=args.min_confidence))
     return 0

@@ -24,7 +24,12 @@ def class_image(class_index: int, rng: np.random.Generator, size: int = 48) -> I
 
 
 def class_image_and_box(class_index: int, rng: np.random.Generator, size: int = 48) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """:func:`class_image` and the shape's bounding box (x1, y1, x2, y2), as annotation.csv gives it."""
+    """:func:`class_image` and the shape's bounding box (x1, y1, x2, y2), as annotation.csv gives it.
+
+    Characters 0-5 are a colour and a shape each; from 6 on, the colours come round
+    again with other shapes (6 is a red rectangle, 7 a green triangle...), so a test
+    can have characters that share a colour or a shape with others and are still new.
+    """
     bg = rng.integers(60, 140, size=3)
     arr = np.clip(bg + rng.normal(0, 18, size=(size, size, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
@@ -33,7 +38,7 @@ def class_image_and_box(class_index: int, rng: np.random.Generator, size: int = 
     r = int(size * rng.uniform(0.25, 0.4))
     cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
     box = (cx - r, cy - r, cx + r, cy + r)
-    shape = SHAPES[class_index % len(SHAPES)]
+    shape = SHAPES[(class_index + class_index // len(PALETTE)) % len(SHAPES)]
     if shape == "ellipse":
         draw.ellipse(box, fill=color)
     elif shape == "rectangle":
@@ -74,15 +79,16 @@ def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
 
 
 def write_class_folders(root: str, classes: list[str], per_class: int, seed: int = 0, size: int = 48,
-                        boxes: bool = False) -> dict[str, int]:
+                        boxes: bool = False, first_index: int = 0) -> dict[str, int]:
     """Kaggle training layout ``root/<class>/pic_NNNN.jpg``; returns images per class.
 
-    With ``boxes``, also ``root/annotation.csv`` (``path,x1,y1,x2,y2,character``) with
-    every shape's box, as the Kaggle dataset's author gives them.
+    The classes are the synthetic characters ``first_index``, ``first_index + 1``... in
+    turn. With ``boxes``, also ``root/annotation.csv`` (``path,x1,y1,x2,y2,character``)
+    with every shape's box, as the Kaggle dataset's author gives them.
     """
     rng = np.random.default_rng(seed)
     rows = ["path,x1,y1,x2,y2,character"]
-    for k, name in enumerate(classes):
+    for k, name in enumerate(classes, start=first_index):
         folder = os.path.join(root, name)
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):

@@ -58,6 +58,10 @@ def _thumbnails(best: pd.DataFrame) -> dict[str, str | None]:
     return out
 
 
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
 def _model_card(model_uri: str) -> str:
     """The model's own scores: test beside validation, calibration, and its pictures."""
     metrics_uri = storage.join(model_uri, "metrics.json")  # build_report checked that it is an artifact
@@ -78,6 +82,8 @@ def _model_card(model_uri: str) -> str:
             "accuracy": result.get("accuracy"),
             "macro_f1": result.get("macro_f1"),
             "nobody_recall": (result.get("nobody") or {}).get("recall", math.nan),
+            "picture_accuracy": (result.get("pictures") or {}).get("accuracy", math.nan) if multi else result.get("accuracy"),
+            "false_name_rate": _or_nan((result.get("strangers") or {}).get("false_name_rate")),
             "ece_before": cal.get("ece_before", math.nan),
             "ece_after": cal.get("ece_after", math.nan),
             "temperature": cal.get("temperature", math.nan),
@@ -85,12 +91,14 @@ def _model_card(model_uri: str) -> str:
     f3 = lambda v: number(v, 3)  # noqa: E731
     parts = [f"<p>model <code>{escape(metrics.get('model_id', '?'))}</code>, best epoch {escape(metrics.get('best_epoch', '?'))} "
              f"of {escape(metrics.get('epochs_run', '?'))}</p>",
-             html_table(pd.DataFrame(rows), {c: f3 for c in ("accuracy", "macro_f1", "nobody_recall", "ece_before", "ece_after", "temperature")},
+             html_table(pd.DataFrame(rows), {c: f3 for c in ("accuracy", "macro_f1", "nobody_recall", "picture_accuracy", "false_name_rate",
+                                                              "ece_before", "ece_after", "temperature")},
                     "model-scores", sortable=False)]
     if any(str(r["split"]).endswith("thresholds)") for r in rows):
         parts.append("<p>A multi-label model, scored on frames composed of 0-3 characters: <em>images</em> counts those frames, "
                      "<em>accuracy</em> is the share whose set of characters is exactly right, <em>nobody_recall</em> the share of "
-                     "empty frames it called empty.</p>")
+                     "empty frames it called empty; <em>picture_accuracy</em> is its top-1 on the pictures as they are, "
+                     "<em>false_name_rate</em> the share of pictures of characters it does not name (strangers) given a name.</p>")
     for name, title in (("confusion_matrix.png", "confusion matrix"), ("reliability.png", "calibration"), ("curves.png", "training curves")):
         uri = storage.join(model_uri, name)
         if storage.exists(uri):

@@ -54,6 +54,9 @@ MIN_BACKGROUND_SIDE = 16
 # and the strip beside such a box would be a "nobody" background with the character in it.
 MIN_BOX_AREA = 0.06
 NO_BOX = (np.nan, np.nan, np.nan, np.nan)
+# The label of a picture of a character the model does not name (one of those too rare to
+# train, --min-images-per-class): it trains the model to name nobody for them.
+STRANGER = -1
 
 
 # ------------------------------------------------------------------------- boxes
@@ -195,7 +198,8 @@ def compose(
 
     Cells are dealt in a random order, so each is used before any is used twice;
     a frame never holds two cells of one class. A frame with nobody is a background
-    alone. Without backgrounds, flat colours stand in.
+    alone. Without backgrounds, flat colours stand in. Cells labelled :data:`STRANGER`
+    are characters the model does not name: they stand in frames, never in targets.
     """
     cells, labels = np.asarray(cells), np.asarray(labels, dtype=np.int64)
     n, size = len(cells), int(cells.shape[1]) if len(cells) else 0
@@ -230,7 +234,8 @@ def compose(
         where = []
         for j, c in enumerate(chosen):
             box = _paste(images[i], cells[c], float(aspects[c]), (int(slots[j]), int(slots[j + 1])), rng)
-            targets[i, labels[c]] = 1.0
+            if labels[c] >= 0:  # a cell labelled STRANGER is someone the model does not name: pasted, never a target
+                targets[i, labels[c]] = 1.0
             where.append((int(labels[c]), box))
         placed.append(where)
     return Composite(images, targets, placed, used)
@@ -248,8 +253,3 @@ def compose_batch(batch: dict[str, np.ndarray], num_classes: int, rng: np.random
     return compose(batch["image"], batch["aspect"], batch["label"], backgrounds, num_classes, rng, weights=weights)
 
 
-def composed_eval_batch(batch: dict[str, np.ndarray], num_classes: int, seed: int) -> dict[str, np.ndarray]:
-    """A Ray Data ``map_batches`` stage: a fixed set of validation or test frames, same on every run."""
-    rng = np.random.default_rng(batch_seed(seed, batch["label"]))
-    composite = compose_batch(batch, num_classes, rng, EVAL_COUNT_WEIGHTS)
-    return {"image": composite.images, "target": composite.targets}

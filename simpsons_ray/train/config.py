@@ -15,7 +15,9 @@ from typing import Any
 
 from simpsons_ray.core.errors import UserError
 from simpsons_ray.model.preprocess import AUGMENT_POLICIES, AugmentConfig, PreprocessConfig
+from simpsons_ray.train.mixing import Mix
 from simpsons_ray.train.recipe import LR_SCHEDULES, OPTIMIZERS, RECIPE_OVERRIDES
+from simpsons_ray.train.selection import THRESHOLD_RULES
 
 # "multilabel": a sigmoid per character, trained on composed frames of 0-3 characters
 # (simpsons_ray.train.compose); "single": a softmax over characters, one per picture.
@@ -52,6 +54,19 @@ class TrainConfig:
                              "frame can hold several or nobody; single: a softmax, one character per picture", choices=OBJECTIVES)
     boxes: str = setting("", "multilabel: the pictures' bounding boxes (path,x1,y1,x2,y2,character; default: annotation.csv beside "
                          "--data, if there); 'none': whole pictures, flat backgrounds", metavar="CSV")
+    # What a multi-label model's training frames are made of (simpsons_ray.train.mixing), and its thresholds.
+    whole_share: float = setting(0.6, "multilabel: share of training frames that are a picture as it is", kind=UNIT_INTERVAL)
+    scene_share: float = setting(0.1, "multilabel: share that are scenes of two or three pictures side by side or inset; the rest "
+                                 "are composed of 0-3 characters cut to their boxes", kind=UNIT_INTERVAL)
+    other_weight: float = setting(0.1, "multilabel: loss weight of 'absent' for the characters a picture or scene does not name "
+                                  "(they may be in it)", kind=UNIT_INTERVAL)
+    whole_ce: float = setting(1.0, "multilabel: weight of a softmax cross-entropy on pictures, asking that their character "
+                              "be the most likely", kind=NON_NEGATIVE_FLOAT)
+    strangers: bool = setting(True, "multilabel: the characters under --min-images-per-class train as strangers, named as nobody "
+                              "(--no-strangers drops them)", kind=ON_OFF)
+    threshold_rule: str = setting("count", "multilabel: per-character thresholds chosen on validation to name each character on as "
+                                  "many frames as it is on (count: screen time) or for maximum F1 (f1)", flag="--thresholds",
+                                  choices=THRESHOLD_RULES)
     arch: str = setting("resnet50", "resnet18, resnet34, resnet50 or resnet101")
     weights: str = setting("imagenet", "imagenet, none, or a state dict PATH_OR_URI")
     image_size: int = setting(224, "square input size", kind=POSITIVE_INT)
@@ -110,6 +125,10 @@ class TrainConfig:
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(image_size=self.image_size)
+
+    @property
+    def mix(self) -> Mix:
+        return Mix(self.whole_share, self.scene_share, self.other_weight, self.whole_ce)
 
     @property
     def augment(self) -> AugmentConfig:

@@ -20,8 +20,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from simpsons_ray.core import storage
 from simpsons_ray.core.errors import StorageError, first_line
 from simpsons_ray.media.images import ImageDecodeError, decode_rgb
-from simpsons_ray.model.preprocess import AugmentConfig, TrainAugment, load_resized
+from simpsons_ray.model.preprocess import AugmentConfig, TrainAugment, load_resized, resize
 from simpsons_ray.train import compose
+from simpsons_ray.train.mixing import Mix, training_frames
 
 # A read that still fails after the S3 client's own retries (~20 s) is tried again
 # after these pauses; then the image is marked a storage failure and the run stops.
@@ -35,13 +36,15 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, cells: bool = Fa
     the storage keeps refusing is flagged in ``storage_error``, and stops the run
     (``decode_or_stop``): never train on less because storage was away.
 
-    With ``cells`` (multi-label training) ``image`` is the picture's character cut
-    to its ``box`` (the whole picture without one), with its ``aspect`` ratio, and
-    ``background`` the part of the picture outside the box (``has_background``):
-    what :mod:`simpsons_ray.compose` makes frames of.
+    With ``cells`` (multi-label training) ``whole`` is the picture, ``image`` its
+    character cut to its ``box`` (the whole picture without one), with its
+    ``aspect`` ratio, and ``background`` the part of the picture outside the box
+    (``has_background``): what :mod:`simpsons_ray.train.mixing` makes frames of.
+    A stranger's picture (label -1) is decoded the same way.
     """
     n = len(batch["uri"])
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    wholes = np.zeros((n if cells else 0, image_size, image_size, 3), dtype=np.uint8)
     backgrounds = np.zeros((n if cells else 0, image_size, image_size, 3), dtype=np.uint8)
     aspects, has_background = np.ones(n, dtype=np.float32), np.zeros(n, dtype=bool)
     errors, storage_errors = [], []
@@ -53,7 +56,9 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, cells: bool = Fa
             continue
         try:
             if cells:
-                images[i], aspects[i], background = compose.cut(decode_rgb(data), batch["box"][i], image_size)
+                picture = decode_rgb(data)
+                wholes[i] = resize(picture, image_size)
+                images[i], aspects[i], background = compose.cut(picture, batch["box"][i], image_size)
                 if background is not None:
                     backgrounds[i], has_background[i] = background, True
             else:
@@ -64,7 +69,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, cells: bool = Fa
     out: dict[str, np.ndarray] = {"image": images, "label": batch["label_index"].astype(np.int64), "uri": batch["uri"],
            "error": np.array(errors, dtype=object), "storage_error": np.array(storage_errors, dtype=object)}
     if cells:
-        out |= {"aspect": aspects, "background": backgrounds, "has_background": has_background}
+        out |= {"whole": wholes, "aspect": aspects, "background": backgrounds, "has_background": has_background}
     return out
 
 
@@ -91,23 +96,26 @@ class AugmentingCollate(NumpyBatchCollateFn):
     and is done once.
 
 
-    With ``num_classes`` (multi-label training) the batch's cells are first
-    composed into frames of 0-3 characters (:mod:`simpsons_ray.compose`), which
-    are then augmented; the batch gains their multi-hot ``target``.
+    With ``num_classes`` (multi-label training) the batch's pictures first become
+    frames (whole, scenes of several, composed: :mod:`simpsons_ray.train.mixing`),
+    which are then augmented; the batch gains their multi-hot ``target``, the
+    loss ``weight`` of each character and the ``ce_label`` of whole pictures.
     """
 
-    def __init__(self, augment: AugmentConfig, num_classes: int | None = None, seed: int = 0):
+    def __init__(self, augment: AugmentConfig, num_classes: int | None = None, seed: int = 0, mix: Mix | None = None):
         self._augment = TrainAugment(augment)
         self._num_classes = num_classes
         self._rng = np.random.default_rng(seed)
+        self._mix = mix or Mix()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:  # type: ignore[override]  # Ray's CollatedData is any batch
         if self._num_classes is None:
             # Ray hands over read-only arrays; the labels are copied (a few bytes) so torch gets a writable one.
             return {"image": torch.from_numpy(self._augment.batch(batch["image"])), "label": torch.tensor(batch["label"])}
-        composite = compose.compose_batch(batch, self._num_classes, self._rng)
-        return {"image": torch.from_numpy(self._augment.batch(composite.images)), "label": torch.tensor(batch["label"]),
-                "target": torch.from_numpy(composite.targets)}
+        frames = training_frames(batch, self._num_classes, self._rng, self._mix)
+        return {"image": torch.from_numpy(self._augment.batch(frames.images)), "label": torch.tensor(batch["label"]),
+                "target": torch.from_numpy(frames.targets), "weight": torch.from_numpy(frames.weights),
+                "ce_label": torch.from_numpy(frames.ce_labels)}
 
 
 def decoded_dataset(table: pd.DataFrame, image_size: int, seed: int, cells: bool = False):

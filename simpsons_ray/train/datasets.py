@@ -116,7 +116,8 @@ def _held_out_counts(n: int, val_fraction: float, test_fraction: float) -> tuple
     return n_test, n_val
 
 
-def stratified_split(images: pd.DataFrame, val_fraction: float, seed: int, test_fraction: float = 0.0) -> Split:
+def stratified_split(images: pd.DataFrame, val_fraction: float, seed: int, test_fraction: float = 0.0,
+                     strangers: frozenset[str] = frozenset()) -> Split:
     """Deterministic, stratified, disjoint train / validation / test split.
 
     Each class keeps ``test_fraction`` of its images for test and ``val_fraction``
@@ -124,10 +125,15 @@ def stratified_split(images: pd.DataFrame, val_fraction: float, seed: int, test_
     never on listing order, so every worker and every rerun draws the same split.
     The test images are drawn first, so they stay the same whatever
     ``val_fraction`` is. Adds ``label_index`` (position in the sorted class list).
+
+    The characters named in ``strangers`` are split the same way but are no class:
+    their ``label_index`` is -1 (``compose.STRANGER``), and ``classes`` leaves them out.
+    Each character's split depends on its own pictures only, so adding strangers
+    moves no other picture between splits.
     """
     if val_fraction + test_fraction >= 1:
         raise UserError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} leave nothing to train on.")
-    classes = sorted(images["label"].unique().tolist())
+    classes = sorted(set(images["label"].unique().tolist()) - set(strangers))
     index = {name: i for i, name in enumerate(classes)}
     parts: dict[str, list[pd.DataFrame]] = {"train": [], "val": [], "test": []}
     for label, group in images.sort_values("uri").groupby("label", sort=True):
@@ -139,7 +145,7 @@ def stratified_split(images: pd.DataFrame, val_fraction: float, seed: int, test_
 
     def finish(frames: list[pd.DataFrame]) -> pd.DataFrame:
         frame = pd.concat(frames, ignore_index=True)
-        frame = frame.assign(label_index=frame["label"].map(index).astype("int64"))
+        frame = frame.assign(label_index=frame["label"].map(index).fillna(-1).astype("int64"))
         return frame.sort_values("uri", ignore_index=True)
 
     return Split(finish(parts["train"]), finish(parts["val"]), finish(parts["test"]), classes)

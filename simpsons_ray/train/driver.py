@@ -34,7 +34,8 @@ from simpsons_ray.model.network import build_model, set_trainable
 from simpsons_ray.train import compose, datasets
 from simpsons_ray.train.config import TrainConfig, check_choices, plan_phases, recorded_config
 from simpsons_ray.train.data import decode_or_stop
-from simpsons_ray.train.results import _write_artifact
+from simpsons_ray.train.mixing import validation_frames
+from simpsons_ray.train.results import write_artifact
 from simpsons_ray.train.state import CHECKPOINT_RUN_NAME, STATE_FILE, TrainState
 from simpsons_ray.train.worker import train_loop_per_worker
 
@@ -87,28 +88,38 @@ def _cpus_per_worker(config: TrainConfig) -> float:
 
 
 def _split(config: TrainConfig) -> tuple[datasets.Split, dict[str, int]]:
-    """List, filter, cap and split the labelled images; returns the split and the dropped classes."""
-    images = datasets.list_labelled_images(config.data_uri)
-    images, dropped = datasets.filter_classes(images, config.min_images_per_class)
-    if dropped:
+    """List, filter, cap and split the labelled images; returns the split and the characters left out (or trained as strangers)."""
+    everyone = datasets.list_labelled_images(config.data_uri)
+    images, dropped = datasets.filter_classes(everyone, config.min_images_per_class)
+    strangers = frozenset(dropped) if config.objective == "multilabel" and config.strangers else frozenset()
+    if strangers:
+        images = everyone
+        print(f"{len(dropped)} character(s) with fewer than {config.min_images_per_class} images train as strangers, whom the "
+              "model names as nobody: " + ", ".join(f"{k} ({v})" for k, v in dropped.items()))
+    elif dropped:
         print(f"dropped {len(dropped)} character(s) with fewer than {config.min_images_per_class} images: "
               + ", ".join(f"{k} ({v})" for k, v in dropped.items()))
     images = datasets.cap_per_class(images, config.max_images_per_class, config.seed)
     if config.objective == "multilabel":
-        images = compose.attach_boxes(images, _boxes(config))
-        boxed = int(np.isfinite(np.stack(images["box"].to_numpy())[:, 0]).sum())
-        if boxed:
-            print(f"{boxed} of {len(images)} pictures have a box: their characters are cut to it, and the rest of the "
-                  "picture is a background for composed frames")
-        else:
-            print("no boxes for these pictures (annotation.csv): whole pictures are pasted into composed frames, and frames "
-                  "with nobody are flat colours, unlike the show's; give --boxes for real backgrounds")
-    split = datasets.stratified_split(images, config.val_fraction, config.seed, config.test_fraction)
+        images = _with_boxes(config, images)
+    split = datasets.stratified_split(images, config.val_fraction, config.seed, config.test_fraction, strangers)
     if len(split.classes) < 2:
         raise UserError(f"Only one character ({split.classes[0]}) under {config.data_uri}: training needs at least two.")
     print(f"{len(split.train)} training, {len(split.val)} validation and {len(split.test)} test images "
-          f"of {len(split.classes)} characters")
+          f"of {len(split.classes)} characters" + (f" and {len(strangers)} strangers" if strangers else ""))
     return split, dropped
+
+
+def _with_boxes(config: TrainConfig, images):
+    images = compose.attach_boxes(images, _boxes(config))
+    boxed = int(np.isfinite(np.stack(images["box"].to_numpy())[:, 0]).sum())
+    if boxed:
+        print(f"{boxed} of {len(images)} pictures have a box: their characters are cut to it, and the rest of the "
+              "picture is a background for composed frames")
+    else:
+        print("no boxes for these pictures (annotation.csv): whole pictures are pasted into composed frames, and frames "
+              "with nobody are flat colours, unlike the show's; give --boxes for real backgrounds")
+    return images
 
 
 def _boxes(config: TrainConfig):
@@ -119,11 +130,13 @@ def _boxes(config: TrainConfig):
     return compose.read_boxes(uri) if uri else None
 
 
-def _composed(decoded, num_classes: int, seed: int):
-    """A split's pictures as a fixed set of composed frames (image, multi-hot target): the same on every epoch and rerun."""
-    return decoded.map_batches(
-        compose.composed_eval_batch, fn_kwargs={"num_classes": num_classes, "seed": seed}, batch_size=64
-    ).materialize()
+def _held_out(config: TrainConfig, table, what: str, num_classes: int, seed: int) -> tuple[Any, list[dict[str, str]]]:
+    """A validation or test split, decoded; a multi-label model's as its pictures and frames composed of them, fixed by the seed."""
+    decoded, skipped = decode_or_stop(table, config.image_size, config.seed, what, config.data_uri, config.objective == "multilabel")
+    if config.objective == "multilabel":
+        decoded = decoded.map_batches(validation_frames, fn_kwargs={"num_classes": num_classes, "seed": seed},
+                                      batch_size=64).materialize()
+    return decoded, skipped
 
 
 def _epoch_of(line: str) -> int | None:
@@ -145,9 +158,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         console.init_ray()
     multi = config.objective == "multilabel"
     train_ds, skipped_train = decode_or_stop(split.train, config.image_size, config.seed, "training", config.data_uri, multi)
-    val_ds, skipped_val = decode_or_stop(split.val, config.image_size, config.seed, "validation", config.data_uri, multi)
-    if multi:  # validation scores composed frames, as the model will see the show's
-        val_ds = _composed(val_ds, len(split.classes), config.seed)
+    val_ds, skipped_val = _held_out(config, split.val, "validation", len(split.classes), config.seed)
     train_images = train_ds.count()
     if train_images == 0:
         raise UserError(f"None of the training images under {config.data_uri} could be decoded.")
@@ -183,9 +194,5 @@ def train(config: TrainConfig) -> dict[str, Any]:
         with open(os.path.join(directory, STATE_FILE), "rb") as f:
             state = TrainState.from_bytes(f.read())
     # Decoded only now, once the model is final.
-    test_ds, skipped_test = (
-        decode_or_stop(split.test, config.image_size, config.seed, "test", config.data_uri, multi) if len(split.test) else (None, [])
-    )
-    if multi and test_ds is not None:
-        test_ds = _composed(test_ds, len(split.classes), config.seed + 1)
-    return _write_artifact(config, split.classes, state, val_ds, test_ds, skipped_train + skipped_val + skipped_test, dropped, wall)
+    test_ds, skipped_test = _held_out(config, split.test, "test", len(split.classes), config.seed + 1) if len(split.test) else (None, [])
+    return write_artifact(config, split.classes, state, val_ds, test_ds, skipped_train + skipped_val + skipped_test, dropped, wall)

@@ -3,7 +3,10 @@
 Two ways to score:
 
 - on the pictures as they are (one character each): accuracy, macro-F1, confusion
-  matrix, calibration, of the top-1;
+  matrix and calibration of the top-1, for either objective (a multi-label model
+  also says how often ``characters`` names the picture's character, alone); and
+  on the pictures of characters the model does not know, how often it gives them
+  a trained character's name (the false-name rate);
 - ``--composites N``: on N frames composed from the pictures (0-3 characters each,
   cut to the boxes of the folder's ``annotation.csv`` where it has them, on real
   backgrounds; :mod:`simpsons_ray.compose`), whose characters are known: per-character
@@ -28,8 +31,9 @@ from simpsons_ray.core.errors import UserError, storage_failure
 from simpsons_ray.media.images import ImageDecodeError, decode_rgb
 from simpsons_ray.model import metrics, multilabel
 from simpsons_ray.model.artifact import load_artifact, read_artifact_config
+from simpsons_ray.model.calibration import softmax
 from simpsons_ray.model.preprocess import load_resized
-from simpsons_ray.train import compose, datasets, results
+from simpsons_ray.train import compose, datasets, scores
 from simpsons_ray.train.steps import predict_logits
 
 
@@ -62,7 +66,7 @@ def _decode(uri: str, image_size: int) -> np.ndarray | None:
 
 
 def _known_images(config: EvaluateConfig, classes: list[str]):
-    """The set's pictures of characters the model knows, and the names of those it does not."""
+    """The set's pictures of characters the model knows, those of characters it does not, and the latter's names."""
     images = datasets.list_labelled_images(config.data_uri)
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted(set(images["label"]) - set(index))
@@ -72,55 +76,92 @@ def _known_images(config: EvaluateConfig, classes: list[str]):
             f"None of the characters under {config.data_uri} are known to the model "
             f"({', '.join(classes[:5])}...): check --data and --model."
         )
-    return images, known, unknown
+    strangers = images[~images["label"].isin(list(index))].reset_index(drop=True)
+    return known, strangers, unknown
 
 
 def evaluate_model(config: EvaluateConfig) -> dict[str, Any]:
     """Print the per-class report (and a final JSON line with --json); return the metrics.
 
-    The model runs as it was trained to be used: its fitted temperature and, if it
-    was trained with it, flip test-time augmentation. Characters of the set that the
-    model does not know are named and left out of every number.
+    The model runs as it was trained to be used: its fitted temperature, thresholds
+    and, if it was trained with it, flip test-time augmentation. Either objective is
+    scored by the same figures: top-1 accuracy and macro-F1, the calibration of its
+    top-1 score, and, on the pictures of characters it does not know, the share it
+    gives a trained character's name (a softmax names one on every picture unless
+    ``--min-confidence`` leaves it out).
     """
     _, classes = read_artifact_config(config.model_uri)  # a wrong --model fails before the data is listed
     if config.composites:
         return evaluate_composites(config)
-    images, known, unknown = _known_images(config, classes)
+    known, strangers, unknown = _known_images(config, classes)
     artifact = load_artifact(config.model_uri)
-    index = {name: i for i, name in enumerate(artifact.classes)}
-    size = artifact.preprocess.image_size
+    artifact.model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     skipped: list[str] = []
+    index = {name: i for i, name in enumerate(artifact.classes)}
+    logits, labels = picture_logits(artifact, known["uri"].tolist(), [index[k] for k in known["label"]], config.batch_size, skipped)
+    result = picture_figures(artifact, logits, labels, config.min_confidence)
+    result |= {"model_id": artifact.model_id, "model_objective": artifact.objective, "skipped_images": len(skipped),
+               "unknown_characters": unknown, "unknown_images": len(strangers)}
+    if len(strangers):
+        unknown_logits, _ = picture_logits(artifact, strangers["uri"].tolist(), [-1] * len(strangers), config.batch_size, skipped)
+        result["false_name_rate"] = false_name_rate(artifact, unknown_logits, config.min_confidence)
+    _print_pictures(result, skipped, config.as_json)
+    return result
+
+
+def picture_figures(artifact, logits: np.ndarray, labels: np.ndarray, min_confidence: float | None = None) -> dict[str, Any]:
+    """Top-1 accuracy, macro-F1, per-class report, confusion matrix and top-1 calibration; a multi-label model's ``characters`` too."""
+    if artifact.objective != "multilabel":
+        return scores.score(logits, labels, artifact.classes, artifact.temperature)
+    cut = np.full(len(artifact.classes), min_confidence) if min_confidence is not None else np.asarray(artifact.thresholds)
+    return scores.picture_report(logits, labels, artifact.classes, artifact.temperature, cut)
+
+
+def false_name_rate(artifact, logits: np.ndarray, min_confidence: float | None = None) -> float | None:
+    """The share of pictures (of characters the model does not know) on which it names a character it knows."""
+    if not len(logits):
+        return None
+    if artifact.objective == "multilabel":
+        cut = min_confidence if min_confidence is not None else np.asarray(artifact.thresholds)
+        return float(multilabel.predicted_sets(multilabel.sigmoid(logits, artifact.temperature), cut).any(axis=1).mean())
+    top = softmax(logits, artifact.temperature).max(axis=1)
+    return float((top >= (min_confidence or 0.0)).mean())
+
+
+def picture_logits(artifact, uris: list[str], labels: list[int], batch_size: int, skipped: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The model's logits on these pictures (those that decode), with their labels; the others' uris go to ``skipped``."""
+    size = artifact.preprocess.image_size
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         # Threads overlap S3 reads and PIL decodes (both release the GIL).
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for start in range(0, len(known), config.batch_size):
-                chunk = known.iloc[start : start + config.batch_size]
-                decoded = list(pool.map(lambda u: _decode(u, size), chunk["uri"]))
+            for start in range(0, len(uris), batch_size):
+                decoded = list(pool.map(lambda u: _decode(u, size), uris[start : start + batch_size]))
                 keep = [i for i, img in enumerate(decoded) if img is not None]
-                skipped.extend(chunk["uri"].iloc[i] for i, img in enumerate(decoded) if img is None)
+                skipped.extend(uris[start + i] for i, img in enumerate(decoded) if img is None)
                 if keep:
-                    yield {
-                        "image": torch.from_numpy(np.stack([img for img in decoded if img is not None])),
-                        "label": torch.tensor([index[chunk["label"].iloc[i]] for i in keep], dtype=torch.int64),
-                    }
+                    yield {"image": torch.from_numpy(np.stack([img for img in decoded if img is not None])),
+                           "label": torch.tensor([labels[start + i] for i in keep], dtype=torch.int64)}
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    artifact.model.to(device)
-    logits, labels = predict_logits(artifact.model, batches(), device, artifact.preprocess, artifact.tta_flip)
-    result = results.score(logits, labels, artifact.classes, artifact.temperature)
-    result |= {"model_id": artifact.model_id, "skipped_images": len(skipped), "unknown_characters": unknown,
-               "unscored_images": len(images) - len(known)}
+    device = next(artifact.model.parameters()).device
+    return predict_logits(artifact.model, batches(), device, artifact.preprocess, artifact.tta_flip)
+
+
+def _print_pictures(result: dict[str, Any], skipped: list[str], as_json: bool) -> None:
     print(metrics.format_report(result))
-    print(results.format_headline("scored", result))
-    if unknown:
-        print(f"not scored: {len(images) - len(known)} images of {len(unknown)} character(s) the model does not know: "
-              f"{', '.join(unknown)}")
+    print(scores.format_headline("scored", result))
+    if result.get("model_objective") == "multilabel":
+        print(f"characters: the picture's own named {result['named_recall']:.4f} of the time, it alone {result['named_exactly']:.4f}, "
+              f"nobody {result['named_nobody']:.4f}")
+    if result["unknown_characters"]:
+        rate = result.get("false_name_rate")
+        print(f"{result['unknown_images']} images of {len(result['unknown_characters'])} character(s) the model does not know "
+              f"({', '.join(result['unknown_characters'])}): given a trained character's name on "
+              + (f"{rate:.4f} of them (false-name rate)" if rate is not None else "none that decode"))
     if skipped:
         print(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0]}")
-    if config.as_json:
-        print(json.dumps({k: v for k, v in result.items()}, separators=(",", ":")))
-    return result
+    if as_json:
+        print(json.dumps(result, separators=(",", ":")))
 
 
 def composite_frames(known, classes: list[str], count: int, image_size: int, seed: int, boxes) -> compose.Composite:
@@ -165,8 +206,6 @@ def composite_scores(artifact, composite: compose.Composite, batch_size: int = 6
     logits, _ = predict_logits(artifact.model, batches(), device, artifact.preprocess, artifact.tta_flip)
     if artifact.objective == "multilabel":
         return multilabel.sigmoid(logits, artifact.temperature)
-    from simpsons_ray.model.calibration import softmax
-
     return softmax(logits, artifact.temperature)
 
 
@@ -181,7 +220,7 @@ def composite_sets(artifact, scores: np.ndarray, min_confidence: float | None = 
 def evaluate_composites(config: EvaluateConfig) -> dict[str, Any]:
     """``evaluate --composites N``: set metrics and screen-time error on N composed frames of known characters."""
     artifact = load_artifact(config.model_uri)
-    _, known, unknown = _known_images(config, artifact.classes)
+    known, _, unknown = _known_images(config, artifact.classes)
     boxes_uri = None if config.boxes == "none" else (config.boxes or compose.default_boxes_uri(config.data_uri))
     boxes = compose.read_boxes(boxes_uri) if boxes_uri else None
     composite = composite_frames(known[["uri", "label"]], artifact.classes, config.composites, artifact.preprocess.image_size,

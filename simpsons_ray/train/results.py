@@ -1,17 +1,19 @@
-"""A trained model's report card: its scores on validation and test, its calibration, and the artifact that keeps them.
+"""The artifact a run leaves: its kept weights scored on validation and test, calibrated, with the pictures that show them.
 
 Training scores the kept weights twice after the last epoch: on the validation split
 (which also chose the best epoch and fits the temperature and thresholds, so its
 numbers are optimistic) and on the test split (never used for any decision, so its
-numbers are the ones to quote). Both land in ``metrics.json`` under their own key.
+numbers are the ones to quote). Both land in ``metrics.json`` under their own key;
+:mod:`simpsons_ray.train.scores` says what each report holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from simpsons_ray.core import storage
@@ -20,54 +22,49 @@ from simpsons_ray.model.artifact import save_artifact
 from simpsons_ray.model.network import build_model
 from simpsons_ray.train import pictures
 from simpsons_ray.train.config import plan_phases
+from simpsons_ray.train.scores import format_headline, multilabel_results, ray_batches, score
 from simpsons_ray.train.state import TrainState
-from simpsons_ray.train.steps import predict_logits
+from simpsons_ray.train.steps import predict
+
+# The figure that chose the kept epoch (simpsons_ray.train.selection), as the artifact and metrics.json say it.
+SELECTED_BY = {"multilabel": "validation macro-F1 of the characters named", "single": "validation top-1 accuracy"}
 
 
-def multilabel_results(scored: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> tuple[float, np.ndarray, dict[str, Any]]:
-    """A multi-label model's temperature and thresholds, from the validation frames only, and every split's report.
-
-    ``scored`` maps a split to its (logits, multi-hot targets); the test split is
-    scored with what validation chose, and chooses nothing.
-    """
-    logits, targets = scored["validation"]
-    temperature = calibration.fit_temperature(logits, targets, loss=multilabel.binary_nll)
-    thresholds = multilabel.choose_thresholds(multilabel.sigmoid(logits, temperature), targets)
-    results = {name: multilabel.score(lg, tg, classes, temperature, thresholds) for name, (lg, tg) in scored.items()}
-    return temperature, thresholds, results
-
-
-def _write_artifact(config, classes, state: TrainState, val_ds, test_ds, skipped, dropped, wall_s: float) -> dict[str, Any]:
-    """Score the kept weights on validation and test, fit the temperature on validation, write the artifact."""
+def write_artifact(config, classes, state: TrainState, val_ds, test_ds, skipped, dropped, wall_s: float) -> dict[str, Any]:
+    """Score the kept weights on validation and test, fit the temperature (and thresholds) on validation, write the artifact."""
     model = build_model(config.arch, len(classes), config.head_hidden, config.dropout)
     kept = state.best_model if state.best_model is not None else state.model
     assert kept is not None, "a finished run has weights"
     model.load_state_dict(kept)
     cpu = torch.device("cpu")
-    scored = {"validation": predict_logits(model, ray_batches(val_ds), cpu, config.preprocess, config.tta_flip)}
-    if test_ds is not None:
-        scored["test"] = predict_logits(model, ray_batches(test_ds), cpu, config.preprocess, config.tta_flip)
-    multi = config.objective == "multilabel"
-    inference = {"tta_flip": config.tta_flip, "objective": config.objective}
-    if multi:
-        temperature, thresholds, results = multilabel_results(scored, classes)
-        inference["thresholds"] = [float(t) for t in thresholds]
+    splits = {"validation": val_ds} | ({"test": test_ds} if test_ds is not None else {})
+    scored = {name: predict(model, ray_batches(ds), cpu, config.preprocess, config.tta_flip) for name, ds in splits.items()}
+    inference: dict[str, Any] = {"tta_flip": config.tta_flip, "objective": config.objective}
+    if config.objective == "multilabel":
+        temperature, thresholds, results = multilabel_results(scored, classes, config.threshold_rule)
+        inference |= {"thresholds": [float(t) for t in thresholds], "threshold_rule": config.threshold_rule}
     else:
-        temperature = calibration.fit_temperature(*scored["validation"])
-        results = {name: score(logits, labels, classes, temperature) for name, (logits, labels) in scored.items()}
-    inference["temperature"] = temperature
-
+        temperature = calibration.fit_temperature(scored["validation"]["logits"], scored["validation"]["label"])
+        results = {name: score(s["logits"], s["label"], classes, temperature) for name, s in scored.items()}
+    inference |= {"temperature": temperature, "selected_by": SELECTED_BY[config.objective]}
     training_flags = config.to_dict() | {"phases": [dataclasses.asdict(p) for p in plan_phases(config)]}
-    model_id = save_artifact(
-        config.output_uri, model, config.arch, classes, config.preprocess, config.head_hidden, config.dropout,
-        training_flags, inference,
-    )
+    model_id = save_artifact(config.output_uri, model, config.arch, classes, config.preprocess, config.head_hidden, config.dropout,
+                             training_flags, inference)
+    summary = _summary(model_id, state, results, wall_s, skipped, dropped)
+    storage.write_json(storage.join(config.output_uri, "metrics.json"), summary)
+    _show(config, classes, state, scored, temperature, results)
+    print(f"model {model_id} (best epoch {state.best_epoch + 1}, by {SELECTED_BY[config.objective]}) written to {config.output_uri}")
+    return summary
+
+
+def _summary(model_id: str, state: TrainState, results: dict[str, Any], wall_s: float, skipped, dropped) -> dict[str, Any]:
     train_rates = [row["images_per_s"] for row in state.history]
-    summary = {
+    return {
         "model_id": model_id,
         "best_epoch": state.best_epoch + 1,
+        "best_val_score": state.best_score,
         "epochs_run": state.epoch,
-        "validation": results["validation"],  # chose the best epoch and the temperature: optimistic
+        "validation": results["validation"],  # chose the best epoch, the temperature and thresholds: optimistic
         "test": results.get("test"),  # never used for a decision: the number to quote
         "history": state.history,
         "train_images_per_s_mean": float(np.mean(train_rates)) if train_rates else None,
@@ -75,45 +72,22 @@ def _write_artifact(config, classes, state: TrainState, val_ds, test_ds, skipped
         "skipped_images": skipped,
         "dropped_classes": dropped,
     }
+
+
+def _show(config, classes: list[str], state: TrainState, scored: dict[str, dict[str, np.ndarray]], temperature: float,
+          results: dict[str, Any]) -> None:
+    """The pictures beside the artifact, and the report of the split to quote (test, else validation) on the terminal."""
     out = config.output_uri
-    storage.write_json(storage.join(out, "metrics.json"), summary)
     shown = "test" if "test" in results else "validation"
-    if multi:
-        write_multilabel_pictures(out, classes, state.history, scored, temperature, results[shown])
+    if config.objective == "multilabel":
+        write_multilabel_pictures(out, state.history, {n: (s["logits"], s["target"]) for n, s in scored.items()}, temperature,
+                                  results[shown])
         print(multilabel.format_report(results[shown]))
-        for name, result in results.items():
-            print(multilabel.format_headline(name, result))
     else:
-        write_pictures(out, classes, state.history, scored, temperature)
+        write_pictures(out, classes, state.history, {n: (s["logits"], s["label"]) for n, s in scored.items()}, temperature)
         print(metrics.format_report(results[shown]))
-        for name, result in results.items():
-            print(format_headline(name, result))
-    print(f"model {model_id} (best epoch {state.best_epoch + 1}) written to {out}")
-    return summary
-
-
-def ray_batches(dataset, batch_size: int = 128) -> Iterator[dict[str, torch.Tensor]]:
-    """A decoded Ray dataset's {"image", "label"} batches (composed frames: {"image", "target"}) as tensors, in the driver."""
-    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        # A copy: Ray's arrays are read-only.
-        yield {k: torch.tensor(batch[k]) for k in ("image", "label", "target") if k in batch}
-
-
-def score(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], temperature: float) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class report, confusion matrix and calibration of one split's logits."""
-    num_classes = len(classes)
-    predicted = logits.argmax(axis=1) if len(labels) else np.zeros(0, dtype=np.int64)
-    matrix = metrics.confusion_matrix(labels, predicted, num_classes)
-    result = metrics.report(matrix, classes)
-    result["confusion_matrix"] = matrix.tolist()
-    result["calibration"] = calibration.summary(logits, labels, temperature) if len(labels) else None
-    return result
-
-
-def format_headline(name: str, result: dict[str, Any]) -> str:
-    cal = result.get("calibration") or {}
-    ece = f"   ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f} (T={cal['temperature']:.3f})" if cal else ""
-    return f"{name}: accuracy {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}   images {result['num_images']}{ece}"
+    for name, result in results.items():
+        print(format_headline(name, result))
 
 
 def write_pictures(model_dir: str, classes: list[str], history: list[dict], scored: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -128,13 +102,9 @@ def write_pictures(model_dir: str, classes: list[str], history: list[dict], scor
     _reliability_picture(model_dir, scored, temperature, calibration.softmax, calibration.reliability)
 
 
-def write_multilabel_pictures(model_dir: str, classes: list[str], history: list[dict],
-                              scored: dict[str, tuple[np.ndarray, np.ndarray]], temperature: float, shown: dict[str, Any]) -> None:
-    """A multi-label model's: per_character.csv (the shown split's report and thresholds), curves.png, reliability.png."""
-    import pandas as pd
-
-    from simpsons_ray.model import multilabel
-
+def write_multilabel_pictures(model_dir: str, history: list[dict], scored: dict[str, tuple[np.ndarray, np.ndarray]],
+                              temperature: float, shown: dict[str, Any]) -> None:
+    """A multi-label model's: per_character.csv (the shown split's report), curves.png, reliability.png."""
     table = pd.DataFrame.from_dict(shown["per_class"], orient="index").rename_axis("character").reset_index()
     storage.write_bytes(storage.join(model_dir, "per_character.csv"), table.to_csv(index=False, float_format="%.4f").encode())
     pictures.training_curves(history, storage.join(model_dir, "curves.png"))
@@ -144,7 +114,6 @@ def write_multilabel_pictures(model_dir: str, classes: list[str], history: list[
 def _reliability_picture(model_dir: str, scored: dict[str, tuple[np.ndarray, np.ndarray]], temperature: float,
                          probabilities, reliability) -> None:
     """reliability.png: every split before (T = 1) and after the temperature, with the objective's probabilities."""
-
     curves = {}
     for name, (logits, truth) in scored.items():
         curves[f"{name}, T=1"] = reliability(probabilities(logits), truth)

@@ -29,7 +29,8 @@ class TrainState:
     model: dict | None = None
     optimizer: dict | None = None
     scheduler: dict | None = None
-    best_loss: float = math.inf
+    best_loss: float = math.inf  # what chose the epoch before the validation figure did (older checkpoints)
+    best_score: float = -math.inf  # the best validation figure so far (selection.validate)
     bad_epochs: int = 0
     best_model: dict | None = None  # what validation scored: the weight average when there is one
     best_epoch: int = -1
@@ -82,5 +83,5 @@ def newest_stored_state(output_uri: str) -> TrainState | None:
     return None
 
 
-def _cpu_state(module: nn.Module) -> dict:
+def cpu_state(module: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

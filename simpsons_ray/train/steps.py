@@ -55,6 +55,7 @@ class StepRecipe:
     """The recipe's per-step parts; with none of them, a step is plain Adam-style cross-entropy."""
 
     label_smoothing: float = 0.0
+    whole_ce: float = 0.0  # multi-label: weight of a softmax cross-entropy on whole pictures (batches with ``ce_label``)
     mix: BatchMix | None = None
     ema: WeightEma | None = None
     schedule: LrSchedule | None = None
@@ -72,15 +73,16 @@ def train_one_epoch(
 ) -> EpochStats:
     """One pass over ``batches`` ({"image": uint8 NHWC, "label": int64}); BN of frozen stages stays frozen.
 
-    Batches with a multi-hot ``target`` (composed frames) train a sigmoid per
-    character with binary cross-entropy, summed over characters (label smoothing
-    and batch mixing are softmax ingredients and do not apply).
+    Batches with a multi-hot ``target`` (a multi-label model's frames) train a
+    sigmoid per character with binary cross-entropy, summed over characters and
+    weighted by ``weight`` where the batch has one (what a whole picture does not
+    say is weighted low: :mod:`simpsons_ray.train.mixing`); whole pictures also
+    add a softmax cross-entropy on their ``ce_label`` (``recipe.whole_ce``). Batch
+    mixing is a softmax ingredient and does not apply there.
     """
     recipe = recipe or StepRecipe()
     model.train()
     freeze_frozen_batchnorm(model)
-    loss_fn = nn.CrossEntropyLoss(reduction="sum", label_smoothing=recipe.label_smoothing)
-    binary_loss = nn.BCEWithLogitsLoss(reduction="sum")
     stats = EpochStats()
     start = time.perf_counter()
     for step, batch in enumerate(batches):
@@ -88,15 +90,12 @@ def train_one_epoch(
             recipe.schedule.set_progress(recipe.epochs_done + step / max(recipe.steps_per_epoch, 1))
         x = _to_input(batch["image"], device, preprocess)
         y = batch["label"].to(device, non_blocking=True)
-        target = y
-        multi = "target" in batch
-        if multi:
-            target = batch["target"].to(device, non_blocking=True)
-        elif recipe.mix is not None and recipe.mix.enabled:
-            x, target = recipe.mix(x, y)  # soft targets, each row sums to 1
+        mixed = None
+        if "target" not in batch and recipe.mix is not None and recipe.mix.enabled:
+            x, mixed = recipe.mix(x, y)  # soft targets, each row sums to 1
         with _autocast(device):
             logits = model(x)
-            loss = binary_loss(logits.float(), target) if multi else loss_fn(logits.float(), target)
+        loss = _loss(logits.float(), batch, y, mixed, recipe, device)
         optimizer.zero_grad(set_to_none=True)
         (loss / len(y)).backward()
         optimizer.step()
@@ -104,14 +103,39 @@ def train_one_epoch(
             recipe.ema.update_parameters(getattr(model, "module", model))  # unwrap DDP
         # .item() is a CPU-GPU sync point; once per step is cheap next to the step.
         stats.loss_sum += loss.item()
-        if multi:
-            stats.correct += int(((logits > 0) == (target > 0.5)).all(1).sum().item())  # the exact set, at 0.5
-        else:
-            truth = target.argmax(1) if target.ndim == 2 else y
-            stats.correct += int((logits.argmax(1) == truth).sum().item())
+        stats.correct += _correct(logits, batch, y, mixed, device)
         stats.count += len(y)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], y: torch.Tensor, mixed: torch.Tensor | None,
+          recipe: StepRecipe, device: torch.device) -> torch.Tensor:
+    """The batch's summed loss: binary cross-entropy per character (weighted), plus the whole pictures' softmax; or the softmax."""
+    if "target" not in batch:
+        loss_fn = nn.CrossEntropyLoss(reduction="sum", label_smoothing=recipe.label_smoothing)
+        return loss_fn(logits, mixed if mixed is not None else y)
+    target = batch["target"].to(device, non_blocking=True)
+    per_character = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if "weight" in batch:
+        per_character = per_character * batch["weight"].to(device, non_blocking=True)
+    loss = per_character.sum()
+    if recipe.whole_ce > 0 and "ce_label" in batch:
+        named = batch["ce_label"].to(device, non_blocking=True)
+        if bool((named >= 0).any()):
+            softmax = nn.CrossEntropyLoss(reduction="sum", label_smoothing=recipe.label_smoothing, ignore_index=-1)
+            loss = loss + recipe.whole_ce * softmax(logits, named)
+    return loss
+
+
+def _correct(logits: torch.Tensor, batch: dict[str, torch.Tensor], y: torch.Tensor, mixed: torch.Tensor | None,
+             device: torch.device) -> int:
+    """Frames right: a softmax's top-1, or a sigmoid set equal to the target at 0.5 (a rough figure, for the progress line)."""
+    if "target" in batch:
+        target = batch["target"].to(device)
+        return int(((logits > 0) == (target > 0.5)).all(1).sum().item())
+    truth = mixed.argmax(1) if mixed is not None else y
+    return int((logits.argmax(1) == truth).sum().item())
 
 
 @torch.inference_mode()
@@ -153,6 +177,26 @@ def evaluate(
 
 
 @torch.inference_mode()
+def predict(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    preprocess: PreprocessConfig,
+    tta_flip: bool = False,
+) -> dict[str, np.ndarray]:
+    """``logits`` (float32 [N, classes]) of every frame of ``batches``, with the batches' other columns (label, target, kind)."""
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        with _autocast(device):
+            logits = _forward(model, _to_input(batch["image"], device, preprocess), tta_flip).float().cpu()
+        parts.setdefault("logits", []).append(logits.numpy())
+        for key, value in batch.items():
+            if key != "image":
+                parts.setdefault(key, []).append(value.cpu().numpy())
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
 def predict_logits(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -164,30 +208,24 @@ def predict_logits(
 
     For composed frames (batches with ``target``) the second array is their multi-hot targets, float32 [N, classes].
     """
-    model.eval()
-    logits, labels = [], []
-    multi = False
-    for batch in batches:
-        with _autocast(device):
-            logits.append(_forward(model, _to_input(batch["image"], device, preprocess), tta_flip).float().cpu())
-        multi = "target" in batch
-        labels.append((batch["target"] if multi else batch["label"]).cpu())
-    if not logits:
+    scored = predict(model, batches, device, preprocess, tta_flip)
+    if "logits" not in scored:
         return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    truth = torch.cat(labels).numpy()
-    return torch.cat(logits).numpy(), truth.astype(np.float32) if multi else truth.astype(np.int64)
+    if "target" in scored:
+        return scored["logits"], scored["target"].astype(np.float32)
+    return scored["logits"], scored["label"].astype(np.int64)
 
 
 class EarlyStopping:
-    """Tracks the best validation loss; says when ``patience`` epochs brought no gain."""
+    """Tracks the best validation figure (higher is better); says when ``patience`` epochs brought no gain."""
 
-    def __init__(self, patience: int, best: float = math.inf, bad_epochs: int = 0):
+    def __init__(self, patience: int, best: float = -math.inf, bad_epochs: int = 0):
         self.patience, self.best, self.bad_epochs = patience, best, bad_epochs
 
-    def step(self, val_loss: float) -> bool:
-        """Record an epoch; True if it is the best so far."""
-        if val_loss < self.best - 1e-6:
-            self.best, self.bad_epochs = val_loss, 0
+    def step(self, score: float) -> bool:
+        """Record an epoch's figure; True if it is the best so far."""
+        if score > self.best + 1e-9:
+            self.best, self.bad_epochs = score, 0
             return True
         self.bad_epochs += 1
         return False

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,8 +22,9 @@ from simpsons_ray.model.network import build_model, load_backbone_weights, set_t
 from simpsons_ray.train.config import Phase, TrainConfig, plan_phases
 from simpsons_ray.train.data import AugmentingCollate
 from simpsons_ray.train.recipe import BatchMix, LrSchedule, WeightEma, make_optimizer
-from simpsons_ray.train.state import STATE_FILE, TrainState, _cpu_state, newest_stored_state
-from simpsons_ray.train.steps import EarlyStopping, EpochStats, StepRecipe, evaluate, train_one_epoch
+from simpsons_ray.train.selection import Validation, validate
+from simpsons_ray.train.state import STATE_FILE, TrainState, cpu_state, newest_stored_state
+from simpsons_ray.train.steps import EarlyStopping, EpochStats, StepRecipe, predict, train_one_epoch
 
 
 def _all_reduce(values: list[float]) -> list[float]:
@@ -45,6 +47,17 @@ def _use_rank0_buffers(model: nn.Module) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def _gathered(scored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every worker's scored validation frames, joined in rank order (on one process: its own)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return scored
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, scored)
+    keys = set().union(*(p.keys() for p in parts))
+    return {k: np.concatenate([p[k] for p in parts if k in p and len(p[k])]) for k in keys
+            if any(k in p and len(p[k]) for p in parts)}
 
 
 def _global(stats: EpochStats) -> EpochStats:
@@ -124,7 +137,7 @@ class _Worker:
         load_backbone_weights(model, c.arch, c.weights)
         if state.model is not None:
             model.load_state_dict(state.model)
-            self._say(f"resuming from epoch {state.epoch} (phase {state.phase_index + 1}, best val_loss {state.best_loss:.4f})")
+            self._say(f"resuming from epoch {state.epoch} (phase {state.phase_index + 1}, best val_score {state.best_score:.4f})")
         model.to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
@@ -132,7 +145,7 @@ class _Worker:
         self.phases = plan_phases(c)
         self.mix = BatchMix(self.num_classes, c.mixup_alpha, c.cutmix_alpha)
         self.augment_collate = AugmentingCollate(
-            c.augment, self.num_classes if c.objective == "multilabel" else None, seed=c.seed * 1009 + self.rank
+            c.augment, self.num_classes if c.objective == "multilabel" else None, seed=c.seed * 1009 + self.rank, mix=c.mix
         )
         # Each worker sees about 1/world of the training images per epoch.
         self.steps_per_epoch = max(1, math.ceil(self.train_images / (c.batch_size * self.world_size)))
@@ -153,7 +166,7 @@ class _Worker:
                 schedule.load_state_dict(s.scheduler or {})
             if ema is not None and s.ema is not None:
                 ema.load_state_dict(s.ema)
-        stopper = EarlyStopping(c.patience, s.best_loss if s.epoch_in_phase else math.inf, s.bad_epochs)
+        stopper = EarlyStopping(c.patience, s.best_score if s.epoch_in_phase else -math.inf, s.bad_epochs)
         # DDP only syncs the parameters that require grad when it wraps the model,
         # so it is wrapped again whenever a phase changes what trains.
         ddp = _distributed(self.model, self.device) if self.world_size > 1 else self.model
@@ -167,27 +180,30 @@ class _Worker:
         batches = self.train_shard.iter_torch_batches(
             batch_size=c.batch_size, local_shuffle_buffer_size=4 * c.batch_size, prefetch_batches=2, collate_fn=self.augment_collate
         )
-        step = StepRecipe(c.label_smoothing, self.mix, parts.ema, parts.schedule, s.epoch_in_phase, self.steps_per_epoch)
+        step = StepRecipe(c.label_smoothing, c.whole_ce if c.objective == "multilabel" else 0.0, self.mix, parts.ema, parts.schedule,
+                          s.epoch_in_phase, self.steps_per_epoch)
         train_stats = _global(train_one_epoch(parts.ddp, batches, parts.optimizer, self.device, c.preprocess, step))
         val_stats = self._validate(parts.eval_model)
         row = self._record(parts, train_stats, val_stats, lr)
         phase_over = self._advance(parts)
-        s.model = _cpu_state(self.model)
+        s.model = cpu_state(self.model)
         _report(s, row, self.rank)
         return phase_over
 
-    def _validate(self, model: nn.Module) -> EpochStats:
+    def _validate(self, model: nn.Module) -> Validation:
+        """Every worker scores its shard of validation; all of them then judge the whole of it alike."""
         _use_rank0_buffers(model)
         batches = self.val_shard.iter_torch_batches(batch_size=max(64, self.config.batch_size), prefetch_batches=2)
-        return _global(evaluate(model, batches, self.device, self.config.preprocess, self.num_classes, self.config.tta_flip)[0])
+        scored = _gathered(predict(model, batches, self.device, self.config.preprocess, self.config.tta_flip))
+        return validate(scored, self.config.objective, self.config.threshold_rule)
 
-    def _record(self, parts: _PhaseParts, train_stats: EpochStats, val_stats: EpochStats, lr: float) -> dict[str, Any]:
-        """Append the epoch to the history; keep the weights if validation is the best so far."""
+    def _record(self, parts: _PhaseParts, train_stats: EpochStats, val_stats: Validation, lr: float) -> dict[str, Any]:
+        """Append the epoch to the history; keep the weights if validation's figure is the best so far."""
         s = self.state
         parts.schedule.end_epoch(val_stats.loss)
-        improved = parts.stopper.step(val_stats.loss)
-        if val_stats.loss < s.best_loss - 1e-6:
-            s.best_loss, s.best_model, s.best_epoch = val_stats.loss, _cpu_state(parts.eval_model), s.epoch
+        improved = parts.stopper.step(val_stats.score)
+        if val_stats.score > s.best_score + 1e-9:
+            s.best_score, s.best_model, s.best_epoch = val_stats.score, cpu_state(parts.eval_model), s.epoch
         images_per_s = train_stats.count / max(train_stats.seconds, 1e-9)
         row = {
             "epoch": s.epoch + 1,
@@ -197,6 +213,7 @@ class _Worker:
             "train_accuracy": train_stats.accuracy,
             "val_loss": val_stats.loss,
             "val_accuracy": val_stats.accuracy,
+            "val_score": val_stats.score,
             "images_per_s": images_per_s,
             "train_images": train_stats.count,
         }
@@ -208,7 +225,7 @@ class _Worker:
         stop_early = parts.stopper.should_stop and s.epoch_in_phase < parts.phase.epochs
         self._say(
             f"epoch {s.epoch:>3}/{total} [{parts.phase.name}] train_loss {train_stats.loss:.4f} "
-            f"val_loss {val_stats.loss:.4f} val_acc {val_stats.accuracy:.4f} lr {lr:.1e} "
+            f"val_loss {val_stats.loss:.4f} val_acc {val_stats.accuracy:.4f} val_score {val_stats.score:.4f} lr {lr:.1e} "
             f"{images_per_s:,.0f} img/s" + (" *" if improved else "") + ("  early stop" if stop_early else "")
         )
         return row
@@ -218,7 +235,7 @@ class _Worker:
         s = self.state
         if not parts.stopper.should_stop and s.epoch_in_phase < parts.phase.epochs:
             s.optimizer, s.scheduler = parts.optimizer.state_dict(), parts.schedule.state_dict()
-            s.ema = _cpu_state(parts.ema) if parts.ema is not None else None
+            s.ema = cpu_state(parts.ema) if parts.ema is not None else None
             return False
         # The next phase starts from the best weights so far, not the last.
         s.phase_index += 1
