@@ -50,8 +50,8 @@ class TrainConfig:
 
     data_uri: str = setting("", "training images, ROOT/<character>/*.jpg (local path or s3://)", flag="--data", required=True)
     output_uri: str = setting("", "model artifact directory (local path or s3://); rerun to resume", flag="--output", required=True)
-    objective: str = setting("multilabel", "multilabel: a sigmoid per character, trained on composed frames of 0-3 characters, so a "
-                             "frame can hold several or nobody; single: a softmax, one character per picture", choices=OBJECTIVES)
+    objective: str = setting("multilabel", "multilabel: a sigmoid per character, trained on pictures as they are, scenes of several and "
+                             "composed frames of 0-3 characters, so a frame can hold several or nobody; single: a softmax, one character per picture", choices=OBJECTIVES)
     boxes: str = setting("", "multilabel: the pictures' bounding boxes (path,x1,y1,x2,y2,character; default: annotation.csv beside "
                          "--data, if there); 'none': whole pictures, flat backgrounds", metavar="CSV")
     # What a multi-label model's training frames are made of (simpsons_ray.train.mixing), and its thresholds.
