@@ -22,7 +22,7 @@ def pyav(path: str, size: int, seek_s: float) -> tuple[int, float]:
     import av
     from av.video.reformatter import VideoReformatter
 
-    scaler = VideoReformatter()  # as simpsons_ray.video does: one scaler, not one per frame
+    scaler = VideoReformatter()  # as simpsons_ray.media.video does: one scaler, not one per frame
     with open(path, "rb") as f, av.open(f) as container:
         stream = container.streams.video[0]
         stream.thread_count = 1

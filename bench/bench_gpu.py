@@ -2,7 +2,7 @@
 
 Three side-by-side measurements, all ResNet50 at 224 px unless told otherwise:
 
-1. label: ``simpsons_ray.labeling.label`` with ``use_gpu=True`` (read, header
+1. label: ``simpsons_ray.label.run.label`` with ``use_gpu=True`` (read, header
    checks on CPU, JPEG decode and the model in the predictor actor on the GPU,
    Parquet), end to end on a local Ray with every CPU of the machine, beside the
    model alone: the predictor's bf16 channels_last forward pass on batches already

@@ -10,7 +10,7 @@ Builds frame dumps from real frames (../shared/data/simpsons-mnist/train by defa
 - plain loop: one process reading the same folders and tars, PIL decode,
   torchvision Resize/ToTensor/Normalize, batches of ``--batch-size``, forward of
   the model as loaded (the straightforward way: no folding, default layout);
-- pipeline: ``simpsons_ray.labeling.label`` (what ``simpsons-ray label`` runs) on a
+- pipeline: ``simpsons_ray.label.run.label`` (what ``simpsons-ray label`` runs) on a
   fresh local Ray with all the machine's CPUs, at 1x and 10x. Its wall time counts
   from the call to the last committed episode (actor start-up included, Ray's own
   start excluded).

@@ -8,7 +8,7 @@ for each video and at ``--sample-fps`` and at every frame, on the same machine:
 - plain loop: one process, PyAV decode (FFmpeg's own threads), the kept frames to
   PIL, torchvision Resize/ToTensor/Normalize, batches of ``--batch-size``, forward
   of the model as loaded;
-- pipeline: ``simpsons_ray.labeling.label`` on the video on a fresh local Ray with
+- pipeline: ``simpsons_ray.label.run.label`` on the video on a fresh local Ray with
   all the machine's CPUs (Ray's own start excluded, actor start-up included);
 - extract + label: what users do today, ffmpeg-style: decode the video, write the
   kept frames as full-size JPEGs (quality 90) into a folder, then ``label`` the

@@ -358,7 +358,7 @@ def test_predictor_pool_is_elastic_where_the_cluster_can_grow():
 
 def test_read_and_decode_tasks_do_not_import_torch():
     """Ray starts a process for them; without torch it starts seconds sooner."""
-    code = "import sys, simpsons_ray.ingest; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    code = "import sys, simpsons_ray.label.ingest; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -42,7 +42,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, loss=None) -> float:
     log(1 + e^(beta z)) - t beta z.)
 
     ``loss(logits, labels, T)`` defaults to the softmax NLL; a multi-label model's is
-    :func:`simpsons_ray.multilabel.binary_nll` (labels are then its 0/1 targets).
+    :func:`simpsons_ray.model.multilabel.binary_nll` (labels are then its 0/1 targets).
     """
     if len(labels) == 0:
         return 1.0

@@ -4,7 +4,7 @@ A multi-label model gives each character its own probability, ``sigmoid(logit / 
 A character is on screen when its probability reaches its threshold, chosen per
 character on validation frames as the one of maximum F1 (a rare character and a
 common one rarely want the same cut). The metrics compare predicted sets with the
-true sets of composed frames (:mod:`simpsons_ray.compose`):
+true sets of composed frames (:mod:`simpsons_ray.train.compose`):
 
 - per character precision, recall, F1 and support; micro F1 (every (frame,
   character) decision pooled) and macro F1 (the mean over characters with support);

@@ -2,7 +2,7 @@
 
 Every function takes a result table (a pandas DataFrame as :mod:`simpsons_ray.query`
 returns it) and a destination URI (local path or ``s3://``), and writes one image
-through :mod:`simpsons_ray.storage`. Charts are drawn with matplotlib's Agg
+through :mod:`simpsons_ray.core.storage`. Charts are drawn with matplotlib's Agg
 renderer on a bare ``Figure``, never through pyplot, so nothing here needs a
 display or touches global matplotlib state; the contact sheet is assembled with PIL.
 

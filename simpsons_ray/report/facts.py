@@ -1,6 +1,6 @@
 """One self-contained HTML report of a labels output: totals, timelines, contact sheets, quality, the model's card.
 
-This module reads the labels and reduces each episode to its facts; :mod:`simpsons_ray.report_html`
+This module reads the labels and reduces each episode to its facts; :mod:`simpsons_ray.report.html`
 draws the page from them.
 
     simpsons-ray report --labels out/labels --output report.html [--model out/model]

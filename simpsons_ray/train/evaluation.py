@@ -9,7 +9,7 @@ Two ways to score:
   a trained character's name (the false-name rate);
 - ``--composites N``: on N frames composed from the pictures (0-3 characters each,
   cut to the boxes of the folder's ``annotation.csv`` where it has them, on real
-  backgrounds; :mod:`simpsons_ray.compose`), whose characters are known: per-character
+  backgrounds; :mod:`simpsons_ray.train.compose`), whose characters are known: per-character
   precision/recall/F1, micro and macro F1, exact-set accuracy, "nobody" precision and
   recall, and the screen time of each character against the truth (each frame one
   second). A multi-label model names everyone above its thresholds; a single-label
