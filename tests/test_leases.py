@@ -12,7 +12,7 @@ import pytest
 
 from simpsons_ray.core import storage
 from simpsons_ray.label.leases import LeaseKeeper
-from waiting import wait_until
+from waiting import FakeClock, wait_until
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -55,21 +55,13 @@ def test_racing_jobs_split_the_episodes_between_them(output):
     assert sorted(held) == episodes  # each exactly once
 
 
-class Clock:
-    """A clock the test moves by hand (seconds since the epoch, as leases record them), and a sleep that moves it."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
+def epoch_clock() -> FakeClock:
+    """Seconds since the epoch, as leases record them."""
+    return FakeClock(1_000_000.0)
 
 
 def test_an_expired_lease_is_taken_over_and_its_holder_notices(output):
-    clock = Clock()
+    clock = epoch_clock()
     slow = LeaseKeeper(output, "job-slow", ttl_s=60, settle_s=0, clock=clock, sleep=clock.sleep)
     assert slow.acquire(["E1"])[0] == ["E1"]
     other = LeaseKeeper(output, "job-other", settle_s=2, clock=clock, sleep=clock.sleep)
@@ -82,7 +74,7 @@ def test_an_expired_lease_is_taken_over_and_its_holder_notices(output):
 
 
 def test_the_heartbeat_renews_and_the_end_of_the_job_releases(output):
-    clock = Clock()
+    clock = epoch_clock()
     keeper = LeaseKeeper(output, "job-a", ttl_s=60, heartbeat_s=0.05, settle_s=0, clock=clock)
     other = LeaseKeeper(output, "job-b", settle_s=0, clock=clock)
     with keeper:  # the heartbeat thread: it renews on its own
@@ -98,7 +90,7 @@ def test_the_heartbeat_renews_and_the_end_of_the_job_releases(output):
 
 
 def test_a_heartbeat_notices_a_lease_taken_over_and_stops_renewing_it(output):
-    clock = Clock()
+    clock = epoch_clock()
     slow = LeaseKeeper(output, "job-slow", ttl_s=60, settle_s=0, clock=clock)
     slow.acquire(["E1", "E2"])
     clock.sleep(61)  # the heartbeat stalled past the TTL

@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-from waiting import wait_until
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
+from waiting import FakeClock, wait_until
 
 
 def test_wait_until_returns_the_first_truthy_value_and_polls_at_its_pace():

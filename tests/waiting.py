@@ -21,3 +21,16 @@ def wait_until(condition: Callable[[], T], timeout: float, every: float = 0.2, c
         if value or clock() >= deadline:
             return value
         sleep(every)
+
+
+class FakeClock:
+    """A clock a test moves by hand, and a ``sleep`` that moves it: waits and expiries without real time passing."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
