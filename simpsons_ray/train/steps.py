@@ -55,12 +55,12 @@ class StepRecipe:
     """The recipe's per-step parts; with none of them, a step is plain Adam-style cross-entropy."""
 
     label_smoothing: float = 0.0
-    whole_ce: float = 0.0  # multi-label: weight of a softmax cross-entropy on whole pictures (batches with ``ce_label``)
     mix: BatchMix | None = None
     ema: WeightEma | None = None
     schedule: LrSchedule | None = None
     epochs_done: int = 0  # in this phase, for the schedule's progress
     steps_per_epoch: int = 0
+    whole_ce: float = 0.0  # multi-label: weight of a softmax cross-entropy on whole pictures (batches with ``ce_label``)
 
 
 def train_one_epoch(

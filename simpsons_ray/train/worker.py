@@ -180,8 +180,8 @@ class _Worker:
         batches = self.train_shard.iter_torch_batches(
             batch_size=c.batch_size, local_shuffle_buffer_size=4 * c.batch_size, prefetch_batches=2, collate_fn=self.augment_collate
         )
-        step = StepRecipe(c.label_smoothing, c.whole_ce if c.objective == "multilabel" else 0.0, self.mix, parts.ema, parts.schedule,
-                          s.epoch_in_phase, self.steps_per_epoch)
+        step = StepRecipe(c.label_smoothing, self.mix, parts.ema, parts.schedule, s.epoch_in_phase, self.steps_per_epoch,
+                          whole_ce=c.whole_ce if c.objective == "multilabel" else 0.0)
         train_stats = _global(train_one_epoch(parts.ddp, batches, parts.optimizer, self.device, c.preprocess, step))
         val_stats = self._validate(parts.eval_model)
         row = self._record(parts, train_stats, val_stats, lr)
