@@ -51,6 +51,7 @@ from simpsons_ray.label.predictor import FramePredictor
 from simpsons_ray.label.resources import decode_in_predictor, predictor_pool
 from simpsons_ray.label.run import label
 from simpsons_ray.label.settings import LabelSettings
+from simpsons_ray.label.shots import SIGNATURE_SIZE
 from simpsons_ray.labels import schema
 from simpsons_ray.labels.layout import OutputLayout
 from simpsons_ray.media import video
@@ -216,7 +217,11 @@ def test_labels_have_exact_schema_and_match_a_plain_loop(local_run, model_dir):
         assert list(row.top_scores) == sorted(row.top_scores, reverse=True)
         assert row.top_scores[0] == pytest.approx(row.confidence)
         # A single-label model names its top-1, which reaches the default --min-confidence (0) on every frame.
-        assert list(row.characters) == [row.label] and list(row.character_scores) == [row.confidence]
+        assert list(row.frame_characters) == [row.label] and list(row.frame_character_scores) == [row.confidence]
+    # A frame that is a shot of its own has nothing to pool with: its answer is its own.
+    alone = df.groupby(["episode", "shot"])["frame"].transform("size") == 1
+    assert alone.any()
+    assert all(list(a) == list(b) for a, b in zip(df["characters"][alone], df["frame_characters"][alone]))
     # make_dump draws frame i of the n-th episode from class (i + n) % 4: the model should see that.
     offset = {"S01E01": 0, "S01E02": 1, "S01E03": 2}
     drawn = [CLASSES[(frame + offset[episode]) % len(CLASSES)] for frame, episode in zip(df["frame"], df["episode"])]
@@ -573,8 +578,8 @@ def test_min_confidence_nulls_labels_and_changed_settings_need_overwrite(local_r
     assert df.loc[low, "label"].isna().all()
     assert (df.loc[~low, "label"] == [t[0] for t in df.loc[~low, "top_labels"]]).all()
     # characters: [top-1] from --min-confidence up, [] (nobody, not null) below it.
-    assert [list(c) for c in df.loc[low, "characters"]] == [[]] * low.sum()
-    assert [list(c) for c in df.loc[~low, "characters"]] == [[label] for label in df.loc[~low, "label"]]
+    assert [list(c) for c in df.loc[low, "frame_characters"]] == [[]] * low.sum()
+    assert [list(c) for c in df.loc[~low, "frame_characters"]] == [[label] for label in df.loc[~low, "label"]]
 
     with pytest.raises(UserError, match="--overwrite"):
         label(LabelConfig(**cfg, episodes=("S01E01",)))
@@ -593,15 +598,18 @@ def _written_rows(tmp_path, settings: LabelSettings, scores: np.ndarray, multila
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, :2]  # FramePredictor.top_k_of: ties in class order
     batch = {"frame": np.arange(n), "timestamp": np.full(n, np.nan), "source": np.array([f"s{i}" for i in range(n)], dtype=object),
              "error": np.array([""] * n, dtype=object), "top_indices": ranked, "top_scores": np.take_along_axis(scores, ranked, 1)}
-    if multilabel:
-        batch["scores"] = scores
+    batch["scores"] = scores
+    batch["signature"] = np.zeros((n, SIGNATURE_SIZE), np.float32)
     episode = frames_lib.Episode("E1", "x", frames_lib.FOLDER)
-    writer = EpisodeWriter(OutputLayout(str(tmp_path)), "run-1", episode, ["a", "b", "c", "d"], settings)
+    writer = EpisodeWriter(OutputLayout(str(tmp_path)), "run-1", episode, ["a", "b", "c", "d"],
+                           dataclasses.replace(settings, multilabel=multilabel))
     writer.add(batch)
     writer.commit("run-1")
     table = pq.read_table(tmp_path / "episode=E1" / "part-0.parquet")
     assert table.schema.remove_metadata() == schema.WRITTEN_FILE_SCHEMA
-    return table.select(["label", "characters", "character_scores"]).to_pylist()
+    # The frame's own answer (a frame's answer pooled over its shot is test_pooling's).
+    return table.select(["label", "frame_characters", "frame_character_scores"]).rename_columns(
+        ["label", "characters", "character_scores"]).to_pylist()
 
 
 def test_characters_are_every_score_at_its_threshold_best_first(tmp_path):
@@ -678,7 +686,7 @@ def test_a_multilabel_model_lists_every_character_on_screen(ray_session, multila
     rows = dataset.to_table().to_pylist()
     assert sorted(row["source"] for row in rows) == sorted(drawn)
     for row in rows:
-        characters, scores = row["characters"], row["character_scores"]
+        characters, scores = row["frame_characters"], row["frame_character_scores"]
         assert set(characters) == drawn[row["source"]][0] and len(characters) == len(drawn[row["source"]][0]), row
         assert scores == sorted(scores, reverse=True)
         assert scores == pytest.approx([reference[row["source"]][CLASSES.index(c)] for c in characters], abs=1e-4)
@@ -699,7 +707,7 @@ def test_a_multilabel_model_lists_every_character_on_screen(ray_session, multila
     read = f"read_parquet('{files}', hive_partitioning = true, hive_types = {{'episode': VARCHAR}})"
     types = dict(duckdb.sql(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {read})").fetchall())
     assert (types["characters"], types["character_scores"]) == ("VARCHAR[]", "FLOAT[]")
-    counted = duckdb.sql(f"SELECT episode, character, count(*) FROM (SELECT episode, unnest(characters) AS character FROM {read}) "
+    counted = duckdb.sql(f"SELECT episode, character, count(*) FROM (SELECT episode, unnest(frame_characters) AS character FROM {read}) "
                          "GROUP BY ALL").fetchall()
     expected = {}
     for episode, frames in MULTI_FRAMES.items():
@@ -843,6 +851,14 @@ def test_killed_run_resumes_with_exactly_one_row_per_frame(ray_session, model_di
     assert markers() == episode_ids
     assert not any(os.path.exists(p) for p in half_written)
     assert not any(files for _, _, files in os.walk(os.path.join(output, "_tmp")))
+    # Shots and pooled answers are the same as those of a run that was never killed.
+    whole = str(tmp_path / "uninterrupted")
+    label(LabelConfig(model_uri=model_dir, frames_uri=str(frames_dir), output_uri=whole))
+    columns = ["source", "shot", "characters", "frame_characters"]
+    resumed, uninterrupted = (read_labels(o)[columns].sort_values("source").reset_index(drop=True) for o in (output, whole))
+    assert resumed["shot"].max() > 0
+    assert resumed.map(lambda v: tuple(v) if isinstance(v, np.ndarray) else v).equals(
+        uninterrupted.map(lambda v: tuple(v) if isinstance(v, np.ndarray) else v))
 
 
 def _kill_session(proc: subprocess.Popen) -> None:

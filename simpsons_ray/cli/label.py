@@ -10,6 +10,7 @@ from simpsons_ray.cli.args import add_episodes, listed, non_negative_float, non_
 def add_label(sub: argparse._SubParsersAction) -> None:
     from simpsons_ray.label.config import DECODE_CHOICES
     from simpsons_ray.label.config import LabelConfig as C
+    from simpsons_ray.label.pooling import POOL_CHOICES
 
     p = sub.add_parser("label", help="label every frame of episodes (video files, frame folders or tar archives) into Parquet with Ray Data")
     p.add_argument("--model", required=True, help="model artifact directory from `simpsons-ray train` (local path or s3://)")
@@ -40,6 +41,13 @@ def add_label(sub: argparse._SubParsersAction) -> None:
                         "(default: a multi-label model's thresholds; 0 for a single-label model)")
     p.add_argument("--top-k", type=positive_int, default=C.top_k, help="labels and scores kept per frame (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="relabel episodes that are already done")
+    p.add_argument("--pool", choices=POOL_CHOICES, default=C.pool,
+                   help="shot: cut each episode into shots and pool who is on screen within a shot, so that appearances hold "
+                        "through it (`characters`); none: every frame alone. The frame's own answer is kept in "
+                        "`frame_characters` either way (default %(default)s)")
+    p.add_argument("--pool-window", type=positive_float, default=C.pool_window_s, metavar="SECONDS",
+                   help="with --pool shot: the seconds of a long shot pooled around each frame; a shorter shot is pooled "
+                        "whole (default %(default)s)")
     p.add_argument("--decode", choices=DECODE_CHOICES, default=C.decode,
                    help="where frames are decoded: CPU tasks with PIL, or the predictor with torchvision.io.decode_jpeg "
                         "(nvJPEG on a GPU); auto: the predictor with --gpu, else tasks (default %(default)s)")
@@ -66,5 +74,7 @@ def run_label(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         overwrite=args.overwrite,
         decode=args.decode,
+        pool=args.pool,
+        pool_window_s=args.pool_window,
     ))
     return 0

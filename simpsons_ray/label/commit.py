@@ -4,7 +4,9 @@ An :class:`EpisodeWriter` appends the predictor's rows for one episode to a
 temporary Parquet file under ``OUTPUT/_tmp/<run_id>/``; ``commit`` writes the
 episode's error rows, moves the labels file into ``OUTPUT/episode=<id>/`` and only
 then writes the marker. A marker therefore never names an episode without its
-rows, and a rerun removes whatever an unmarked episode left (``labeling.py``).
+rows, and a rerun removes whatever an unmarked episode left (``run.py``). The file
+that moves in is not the one the rows were appended to: that one is read back
+whole, put in time order, cut into shots and pooled first (``finish.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyarrow.parquet as pq
 from simpsons_ray.core import storage
 from simpsons_ray.core.clock import now_iso
 from simpsons_ray.label import episodes as frames_lib
+from simpsons_ray.label import finish
 from simpsons_ray.label.settings import LabelSettings
 from simpsons_ray.labels import schema
 from simpsons_ray.labels.layout import OutputLayout
@@ -35,8 +38,9 @@ class EpisodeWriter:
         self.settings = settings
         self.tmp_parent = layout.tmp_run_dir(run_id)
         self.tmp_uri = storage.join(self.tmp_parent, f"episode={episode.episode_id}.parquet")
+        self.finished_uri = storage.join(self.tmp_parent, f"episode={episode.episode_id}.finished.parquet")
+        self._class_list = list(classes)
         self._classes = np.array(classes, dtype=object)
-        self._class_names = pa.array(classes, pa.string())
         self._thresholds = settings.character_thresholds(len(classes))
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
@@ -59,6 +63,7 @@ class EpisodeWriter:
                 self._flush()
 
     def _label_rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """The frames' own columns, every character's score and the shot signature (finish.TMP_SCHEMA)."""
         s = self.settings
         n = len(batch["frame"])
         k = batch["top_indices"].shape[1]
@@ -68,9 +73,7 @@ class EpisodeWriter:
         # The top-1 is the label when it reaches its own threshold (all the same for a single-label model).
         labelled = confidence >= self._thresholds[batch["top_indices"][:, 0]]
         labels = np.where(labelled, top_labels[:, 0], None)
-        characters, character_scores = self._characters(batch, labelled)
         frame = batch["frame"].astype(np.int64)
-        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
         return pa.Table.from_arrays(
             [
                 pa.array(frame, pa.int64()),
@@ -78,37 +81,13 @@ class EpisodeWriter:
                 pa.array(batch["source"].tolist(), pa.string()),
                 pa.array(list(labels), pa.string()),
                 pa.array(confidence, pa.float32()),
-                pa.ListArray.from_arrays(offsets, pa.array(top_labels.reshape(-1).tolist(), pa.string())),
-                pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), pa.float32())),
+                _lists(top_labels.reshape(-1).tolist(), n, k, pa.string()),
+                _lists(scores.reshape(-1), n, k, pa.float32()),
                 pa.array([s.model_id] * n, pa.string()),
-                characters,
-                character_scores,
+                _lists(batch["scores"].astype(np.float32).reshape(-1), n, batch["scores"].shape[1], pa.float32()),
+                _lists(batch["signature"].astype(np.float32).reshape(-1), n, batch["signature"].shape[1], pa.float32()),
             ],
-            schema=schema.WRITTEN_FILE_SCHEMA,
-        )
-
-    def _characters(self, batch: dict[str, np.ndarray], labelled: np.ndarray) -> tuple[pa.Array, pa.Array]:
-        """``characters`` and ``character_scores``: every character whose score reaches its threshold, best first.
-
-        A multi-label model's batch carries every score (``scores``, N x classes);
-        a single-label model's names at most its top-1, when that is the label, so
-        both kinds of output answer "who is on screen" from the same column.
-        """
-        every = batch.get("scores")
-        if every is None:
-            rows = np.flatnonzero(labelled)
-            codes = batch["top_indices"][rows, 0]
-            values = batch["top_scores"][rows, 0]
-        else:
-            rows, codes = np.nonzero(every >= self._thresholds)
-            values = every[rows, codes]
-            # By frame, best first; equal scores in class order, as the predictor ranks top_labels.
-            order = np.lexsort((codes, -values, rows))
-            rows, codes, values = rows[order], codes[order], values[order]
-        offsets = pa.array(np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=len(labelled))))).astype(np.int32))
-        return (
-            pa.ListArray.from_arrays(offsets, self._class_names.take(pa.array(codes, pa.int64()))),
-            pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.float32), pa.float32())),
+            schema=finish.TMP_SCHEMA,
         )
 
     def _flush(self) -> None:
@@ -118,9 +97,21 @@ class EpisodeWriter:
             storage.makedirs(self.tmp_parent)
             fs, path = storage.resolve(self.tmp_uri)
             self._sink = fs.open_output_stream(path)
-            self._writer = pq.ParquetWriter(self._sink, schema.WRITTEN_FILE_SCHEMA, compression="zstd")
+            self._writer = pq.ParquetWriter(self._sink, finish.TMP_SCHEMA, compression="zstd")
         self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP_ROWS)
         self._pending, self._pending_rows = [], 0
+
+    def _finish(self) -> None:
+        """Read the episode's rows back, in time order, cut into shots and pooled (finish.py); write the file that commits."""
+        fs, path = storage.resolve(self.tmp_uri)
+        with fs.open_input_file(path) as f:
+            rows = pq.read_table(f)
+        done = finish.finish(rows, self._class_list, self._thresholds, self.settings.multilabel, self.settings.pool)
+        del rows
+        fs, path = storage.resolve(self.finished_uri)
+        with fs.open_output_stream(path) as sink:
+            pq.write_table(done, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        storage.delete(self.tmp_uri)
 
     def discard(self) -> None:
         """Drop the episode's rows: close and delete the temporary file, abort an S3 upload the close could not finish."""
@@ -133,8 +124,9 @@ class EpisodeWriter:
         finally:
             self._writer = None
             self._pending = []
-            storage.abort_uploads(self.tmp_uri)
-            storage.delete(self.tmp_uri)
+            for uri in (self.tmp_uri, self.finished_uri):
+                storage.abort_uploads(uri)
+                storage.delete(uri)
 
     def commit(self, run_id: str, fingerprint: str = "") -> dict[str, Any]:
         """Land the episode: errors, then labels, then the marker that says it is done."""
@@ -156,7 +148,8 @@ class EpisodeWriter:
             pq.write_table(table, sink, compression="zstd")
             storage.write_bytes(self.layout.errors_file(eid), sink.getvalue().to_pybytes())
         if self._writer is not None:
-            storage.move(self.tmp_uri, self.layout.labels_file(eid))
+            self._finish()
+            storage.move(self.finished_uri, self.layout.labels_file(eid))
         marker = {
             "episode": eid,
             "source": self.episode.uri,
@@ -171,3 +164,9 @@ class EpisodeWriter:
         storage.write_json(self.layout.marker(eid), marker)
         return marker
 
+
+
+def _lists(flat, rows: int, width: int, type_: pa.DataType) -> pa.ListArray:
+    """N lists of ``width`` values each, from their values end to end."""
+    offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(flat, type_))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from simpsons_ray.core.errors import UserError
+from simpsons_ray.label.pooling import POOL_CHOICES, POOL_WINDOW_S
 from simpsons_ray.media import video
 
 # Where frames are decoded: "tasks" (PIL in CPU tasks), "predictor" (torchvision's
@@ -40,6 +41,8 @@ class LabelConfig:
     overwrite: bool = False  # relabel episodes already done
     decode: str = "auto"  # where frames are decoded: "tasks" (PIL, CPU tasks), "predictor", or "auto" (see resources.decode_in_predictor)
     seconds_per_read_task: float = video.SECONDS_PER_READ_TASK  # a video is decoded in time ranges this long
+    pool: str = "shot"  # "shot": who is on screen is pooled within each shot (pooling.py); "none": every frame alone
+    pool_window_s: float = POOL_WINDOW_S  # seconds of a long shot pooled around each frame
 
 
 def validate(config: LabelConfig) -> None:
@@ -58,5 +61,9 @@ def validate(config: LabelConfig) -> None:
         raise UserError(f"--first-frame-number {config.first_frame_number} must be 0 or more.")
     if config.wait_for_gpus < 0:
         raise UserError(f"--wait-for-gpus {config.wait_for_gpus} must be 0 or more seconds.")
+    if config.pool not in POOL_CHOICES:
+        raise UserError(f"--pool {config.pool} is not one of {', '.join(POOL_CHOICES)}.")
+    if config.pool_window_s <= 0:
+        raise UserError(f"--pool-window {config.pool_window_s} must be a positive number of seconds.")
     if config.seconds_per_read_task <= 0:
         raise UserError("seconds_per_read_task must be positive.")

@@ -3,7 +3,7 @@
 Ray Data runs it as an actor pool (``pipeline.py``); it takes the decode stage's
 batches (``ingest.py``) and returns the top-k scores that ``commit.py`` writes, and
 for a multi-label model every character's score, from which ``commit.py`` lists
-the characters on screen.
+the characters on screen, and each frame's signature, from which ``commit.py`` cuts shots.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from simpsons_ray.core.errors import UserError
 from simpsons_ray.label.episodes import JPEG, PIXELS
 from simpsons_ray.label.ingest import PASSED_ON
+from simpsons_ray.label.shots import SIGNATURE_SIZE, signature
 from simpsons_ray.model.preprocess import normalize
 
 if TYPE_CHECKING:
@@ -107,6 +108,16 @@ class FramePredictor:
         logits = logits.float() / self.temperature
         return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
 
+    def signatures(self, images: "np.ndarray | torch.Tensor") -> np.ndarray:
+        """Normalised float32 NHWC -> each frame's shot signature (shots.signature), from the picture the model saw."""
+        import torch
+
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        mean = torch.tensor(self.preprocess.mean, device=images.device)
+        std = torch.tensor(self.preprocess.std, device=images.device)
+        return signature(images.float() * std + mean).cpu().numpy()
+
     def top_k_of(self, scores: "torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
         """(top-k scores float32, top-k class indices int64), best first.
 
@@ -176,8 +187,9 @@ class FramePredictor:
         n = len(ok)
         scores = np.zeros((n, self.top_k), dtype=np.float32)
         indices = np.full((n, self.top_k), -1, dtype=np.int64)
-        # A multi-label model's every score: a few dozen floats a frame, next to a frame's thousands of pixels.
-        every = np.zeros((n, self.num_classes), dtype=np.float32) if self.multilabel else None
+        # Every score, for pooling over shots: a few dozen floats a frame, next to a frame's thousands of pixels.
+        every = np.zeros((n, self.num_classes), dtype=np.float32)
+        signatures = np.zeros((n, SIGNATURE_SIZE), dtype=np.float32)
         images = None
         if self.decode and ok.any():
             images, decode_errors = self.decode_batch(batch["data"][ok], batch["encoding"][ok])
@@ -188,12 +200,11 @@ class FramePredictor:
         if ok.any() and images is not None:
             probs = self.scores(images)
             scores[ok], indices[ok] = self.top_k_of(probs)
-            if every is not None:
-                every[ok] = probs.cpu().numpy()
+            every[ok] = probs.cpu().numpy()
+            signatures[ok] = self.signatures(images)
         out = {k: batch[k] for k in PASSED_ON}
         out["error"] = errors
         out["top_scores"] = scores
         out["top_indices"] = indices
-        if every is not None:
-            out["scores"] = every
+        out["scores"], out["signature"] = every, signatures
         return out

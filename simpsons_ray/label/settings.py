@@ -6,7 +6,7 @@ settings that shaped it, so a rerun with other settings is refused rather than m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,11 +16,12 @@ from simpsons_ray.core import storage
 from simpsons_ray.core.errors import UserError
 from simpsons_ray.label.config import LabelConfig
 from simpsons_ray.label.episodes import VIDEO
+from simpsons_ray.label.pooling import PoolSettings
 from simpsons_ray.media.video import DEFAULT_SAMPLE_FPS
 from simpsons_ray.model.artifact import WEIGHTS_FILE, weights_id
 
 # Marker keys that older markers lack, with the value those runs used.
-_LEGACY_SETTINGS = {"first_frame_number": 0}
+_LEGACY_SETTINGS: dict[str, Any] = {"first_frame_number": 0, "pooling": {"method": "none"}}
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class LabelSettings:
     first_frame_number: int = 0
     sample_fps: float | None = DEFAULT_SAMPLE_FPS  # videos: frames kept per second; None: all
     thresholds: tuple[float, ...] | None = None  # a multi-label model's per-character thresholds, classes order
+    multilabel: bool = False  # the model's objective (model_id already tells models apart: not kept in markers)
+    pool: PoolSettings = field(default_factory=PoolSettings)  # how frame scores become the answer (pooling.py)
 
     def __post_init__(self) -> None:
         if self.min_confidence is None and self.thresholds is None:
@@ -47,7 +50,8 @@ class LabelSettings:
         change who is on screen. A given --min-confidence replaces them, so they
         shape nothing then, and a single-label model's markers stay as they were.
         """
-        settings: dict[str, Any] = {"model_id": self.model_id, "top_k": self.top_k, "min_confidence": self.min_confidence}
+        settings: dict[str, Any] = {"model_id": self.model_id, "top_k": self.top_k, "min_confidence": self.min_confidence,
+                                    "pooling": self.pool.to_dict()}
         if self.min_confidence is None:
             settings["thresholds"] = list(self.thresholds or ())
         if kind == VIDEO:
@@ -136,5 +140,7 @@ def settings_for(config: LabelConfig, model_config: dict[str, Any], classes: lis
         fps=float(config.fps) if config.fps else None,
         first_frame_number=int(config.first_frame_number),
         sample_fps=float(config.sample_fps) if config.sample_fps else None,
+        multilabel=model_config.get("objective", "single") == "multilabel",
+        pool=PoolSettings(method=config.pool, window_s=float(config.pool_window_s)),
         **_thresholds(config, model_config, classes),
     )

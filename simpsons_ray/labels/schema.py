@@ -39,10 +39,18 @@ LABELS_FILE_SCHEMA = pa.schema(
 
 # Columns that files written before they existed lack: readers take them where
 # present and read null elsewhere (query.check_fragment, labels_dataset).
+#
+# ``characters`` is the episode's answer: pooled over the frame's shot (label/pooling.py)
+# in files that have ``shot``, the frame's own answer in older files (and with --pool
+# none); ``frame_characters`` is always the frame's own. ``label``, ``confidence`` and
+# the top-k are the frame's own in every file.
 OPTIONAL_FILE_SCHEMA = pa.schema(
     [
         pa.field("characters", pa.list_(pa.string())),  # every character whose score reaches its threshold, best first; [] = nobody
         pa.field("character_scores", pa.list_(pa.float32())),  # their scores, same order
+        pa.field("shot", pa.int32()),  # the frame's shot, 0-based in time order within the episode (label/shots.py)
+        pa.field("frame_characters", pa.list_(pa.string())),  # the frame's own answer, before pooling
+        pa.field("frame_character_scores", pa.list_(pa.float32())),  # their scores, same order
     ]
 )
 
