@@ -72,6 +72,10 @@ def _episode_rows(episode: str, index: int, frames_root: str) -> pd.DataFrame:
     )
 
 
+# A labels file of a multi-label model from before shots: its lists are each frame's own answer.
+LISTED_FILE_SCHEMA = pa.schema([*schema.LABELS_FILE_SCHEMA, *(schema.OPTIONAL_FILE_SCHEMA.field(c) for c in ("characters", "character_scores"))])
+
+
 def write_labels(root: str, rows: pd.DataFrame, parts_per_episode: int = 2, file_schema: pa.Schema = schema.LABELS_FILE_SCHEMA) -> None:
     """The labeling job's layout: episode=<id>/part-N.parquet (no episode column inside)."""
     for episode, group in rows.groupby("episode"):
@@ -419,7 +423,7 @@ def multi_dataset(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("multi") / "labels")
     rows = pd.concat([_multi_label_rows(e, i) for i, e in enumerate(MULTI_EPISODES)], ignore_index=True)
     listed = rows["episode"].map(lambda e: MULTI_EPISODES[e][3])
-    write_labels(root, rows[listed], file_schema=pa.schema([*schema.LABELS_FILE_SCHEMA, *schema.OPTIONAL_FILE_SCHEMA]))
+    write_labels(root, rows[listed], file_schema=LISTED_FILE_SCHEMA)
     write_labels(root, rows[~listed])
     return root, rows
 
@@ -486,7 +490,7 @@ def test_a_shared_frame_counts_for_both_characters(tmp_path):
             "character_scores": [[0.9, 0.7], [0.8], []],
         }
     )
-    write_labels(str(tmp_path), rows, parts_per_episode=1, file_schema=pa.schema([*schema.LABELS_FILE_SCHEMA, *schema.OPTIONAL_FILE_SCHEMA]))
+    write_labels(str(tmp_path), rows, parts_per_episode=1, file_schema=LISTED_FILE_SCHEMA)
     screen = query.screen_time(str(tmp_path), nobody=True)
     assert screen[["character", "frames", "seconds", "share"]].values.tolist() == [
         ["homer", 2, 0.5, 1.0], ["(nobody)", 1, 0.25, pytest.approx(np.nan, nan_ok=True)], ["bart", 1, 0.25, 0.5]

@@ -21,7 +21,7 @@ import pytest
 from simpsons_ray import cli, query, report
 from simpsons_ray.labels import schema
 from simpsons_ray.report import facts as facts_lib
-from test_query import CHARACTERS, ERRORS, dataset, expected_screen_time  # noqa: F401  (the four-episode labels fixture)
+from test_query import CHARACTERS, ERRORS, LISTED_FILE_SCHEMA, dataset, expected_screen_time  # noqa: F401  (the four-episode labels fixture)
 from waiting import wait_until
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
@@ -57,7 +57,7 @@ def multi_label_rows() -> pd.DataFrame:
 def multi_labels(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("multi") / "labels")
     rows = multi_label_rows()
-    file_schema = pa.schema([*schema.LABELS_FILE_SCHEMA, *schema.OPTIONAL_FILE_SCHEMA])
+    file_schema = LISTED_FILE_SCHEMA
     for episode, group in rows.groupby("episode"):
         os.makedirs(os.path.join(root, f"episode={episode}"))
         table = pa.Table.from_pandas(group.drop(columns="episode"), schema=file_schema, preserve_index=False)

@@ -33,6 +33,9 @@ def add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, help="at most N rows (frames: the best N)")
     p.add_argument("--time", help="at: the moment, as seconds (754.2), MM:SS (12:34) or HH:MM:SS")
     p.add_argument("--frame", type=non_negative_int, help="at: a frame number, for episodes labelled without timestamps")
+    p.add_argument("--per-frame", action="store_true",
+                   help="answer from each frame alone (`frame_characters`) instead of the answer pooled over its shot "
+                        "(`characters`, the default); the same for labels made before shots")
     p.add_argument("--timecode-fps", type=positive_float,
                    help="segments: add SMPTE start/end/duration timecodes at this rate (29.97 and 59.94 drop-frame); "
                         "the rate of --format edl (default 24)")
@@ -58,6 +61,7 @@ def run_query(args: argparse.Namespace) -> int:
         frame=args.frame,
         timecode_fps=args.timecode_fps,
         nobody=args.nobody,
+        per_frame=args.per_frame,
     ))
     return 0
 

@@ -10,7 +10,13 @@ layout of :mod:`simpsons_ray.labels.schema` and returns a pandas DataFrame::
     query.together("out/labels", character="homer_simpson")
     query.summary("out/labels")
     query.at("out/labels", "s01e05", query.parse_time("12:34"))
+    query.shots("out/labels", episodes=["s01e05"])  # the shots the labeling job cut, and who each one shows
+    query.screen_time(query.open_labels("out/labels", per_frame=True))  # each frame alone, not pooled over its shot
     query.screen_time("out/labels", nobody=True)  # adds a "(nobody)" row per episode
+
+Every question answers from ``characters``, the answer the labeling job pooled
+over each shot (``label/pooling.py``), unless the labels are opened with
+``per_frame=True`` (``--per-frame``): then from each frame's own answer.
 
 Who a row puts on screen (:func:`on_screen`, the one rule every question and the
 report use): a row with a ``characters`` list (a multi-label model) puts each
@@ -50,6 +56,7 @@ from simpsons_ray.query.columns import (
     FRAMES_COLUMNS,
     SCREEN_TIME_COLUMNS,
     SEGMENTS_COLUMNS,
+    SHOTS_COLUMNS,
     SUMMARY_COLUMNS,
     TOGETHER_COLUMNS,
 )
@@ -78,12 +85,13 @@ from simpsons_ray.query.reading import (
     select_episodes,
     suggestions,
 )
+from simpsons_ray.query.shotlist import shots
 
 __all__ = [
     "AT_COLUMNS", "DEFAULT_MAX_GAP_S", "DEFAULT_MIN_CONFIDENCE", "FORMATS", "FRAMES_COLUMNS", "NOBODY", "QUESTIONS",
-    "SCREEN_TIME_COLUMNS", "SEGMENTS_COLUMNS", "SEGMENT_EXPORTS", "SUMMARY_COLUMNS", "TOGETHER_COLUMNS", "LabelsDataset",
+    "SCREEN_TIME_COLUMNS", "SEGMENTS_COLUMNS", "SEGMENT_EXPORTS", "SHOTS_COLUMNS", "SUMMARY_COLUMNS", "TOGETHER_COLUMNS", "LabelsDataset",
     "OnScreen", "QueryConfig", "ask", "at", "frames", "known_characters", "nobody_on_screen", "on_screen", "open_labels",
-    "pairs_on_screen", "parse_time", "render", "run_query", "screen_time", "segments", "segments_on_screen", "summary",
+    "pairs_on_screen", "parse_time", "render", "run_query", "screen_time", "segments", "segments_on_screen", "shots", "summary",
     "together", "together_across", "check_min_confidence", "error_counts", "map_episodes", "read_episode",
     "sampling_interval", "select_episodes", "suggestions",
 ]

@@ -26,3 +26,6 @@ SUMMARY_COLUMNS = ["episode", "frames", "labelled_frames", "error_rows", "mean_c
 
 
 AT_COLUMNS = ["episode", "asked_s", "frame", "timestamp_s", "character", "confidence", "source"]
+
+
+SHOTS_COLUMNS = ["episode", "shot", "start_s", "end_s", "duration_s", "frames", "first_frame", "last_frame", "characters", "frames_with"]

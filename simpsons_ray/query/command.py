@@ -17,6 +17,7 @@ from simpsons_ray.query.columns import DEFAULT_MAX_GAP_S, DEFAULT_MIN_CONFIDENCE
 from simpsons_ray.query.onscreen import NOBODY
 from simpsons_ray.query.questions import at, check_nobody, frames, parse_time, screen_time, segments, summary, together
 from simpsons_ray.query.reading import open_labels
+from simpsons_ray.query.shotlist import shots
 
 log = logging.getLogger("simpsons_ray.query")
 
@@ -24,7 +25,7 @@ log = logging.getLogger("simpsons_ray.query")
 DEFAULT_CONTACT_SHEET_FRAMES = 24
 
 
-QUESTIONS = ("screen-time", "frames", "segments", "together", "summary", "at")
+QUESTIONS = ("screen-time", "frames", "segments", "together", "summary", "at", "shots")
 
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -52,6 +53,7 @@ class QueryConfig:
     frame: int | None = None  # at: a dump's frame number instead of a time
     timecode_fps: float | None = None  # segments: add SMPTE timecodes at this rate; the EDL's rate
     nobody: bool = False  # screen-time, segments, frames: the frames with no character on screen
+    per_frame: bool = False  # answer from each frame alone, not from the answer pooled over its shot
 
     def __post_init__(self) -> None:
         if self.question not in QUESTIONS:
@@ -95,14 +97,19 @@ class QueryConfig:
 def ask(config: QueryConfig) -> pd.DataFrame:
     """Answer the config's question as a DataFrame (no output written)."""
     episodes = list(config.episodes) or None
+    labels = open_labels(config.labels_uri, allow_empty=config.question == "summary", per_frame=config.per_frame)
+    if config.question == "summary":
+        return summary(labels, config.min_confidence, episodes)
+    if config.question == "shots":
+        return shots(labels, config.min_confidence, episodes)
     if config.question == "screen-time":
-        return screen_time(config.labels_uri, config.min_confidence, episodes, config.character, config.nobody)
+        return screen_time(labels, config.min_confidence, episodes, config.character, config.nobody)
     if config.question == "frames":
-        return frames(config.labels_uri, config.character, config.min_confidence, episodes, config.limit, config.nobody)
+        return frames(labels, config.character, config.min_confidence, episodes, config.limit, config.nobody)
     if config.question == "together":
-        return together(config.labels_uri, config.min_confidence, episodes, config.character)
+        return together(labels, config.min_confidence, episodes, config.character)
     if config.question == "segments":
-        result = segments(config.labels_uri, config.character, config.min_confidence, config.max_gap_s, episodes, config.nobody)
+        result = segments(labels, config.character, config.min_confidence, config.max_gap_s, episodes, config.nobody)
         if config.timecode_fps is not None and config.resolved_format not in SEGMENT_EXPORTS:
             from simpsons_ray.query import exports
 
@@ -110,8 +117,8 @@ def ask(config: QueryConfig) -> pd.DataFrame:
         return result
     if config.question == "at":
         time_s = parse_time(config.time) if config.time is not None else None
-        return at(config.labels_uri, config.episodes[0], time_s, config.frame, config.min_confidence)
-    return summary(config.labels_uri, config.min_confidence, episodes)
+        return at(labels, config.episodes[0], time_s, config.frame, config.min_confidence)
+    raise AssertionError(config.question)  # QueryConfig checked it
 
 
 def run_query(config: QueryConfig, stdout: TextIO | None = None) -> pd.DataFrame:

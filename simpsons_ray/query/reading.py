@@ -50,14 +50,21 @@ class LabelsDataset:
     uri: str
     dataset: pads.FileSystemDataset
     fragments: dict[str, list[pads.ParquetFileFragment]] = field(repr=False)
+    # Answer from each frame alone (``frame_characters``) instead of the answer pooled over its shot (``characters``).
+    per_frame: bool = False
 
     @property
     def episodes(self) -> list[str]:
         return sorted(self.fragments)
 
 
-def open_labels(labels_uri: str, allow_empty: bool = False) -> LabelsDataset:
-    """List a labels output (no file is opened) and group its Parquet files by episode."""
+def open_labels(labels_uri: str, allow_empty: bool = False, per_frame: bool = False) -> LabelsDataset:
+    """List a labels output (no file is opened) and group its Parquet files by episode.
+
+    ``per_frame``: every question answers from each frame's own characters, as if
+    the labels had not been pooled over shots (schema.OPTIONAL_FILE_SCHEMA); files
+    from before pooling hold only those anyway.
+    """
     labels_uri = str(labels_uri)
     if not storage.exists(labels_uri):
         raise UserError(f"No labels at {labels_uri}: the path does not exist; pass the --output of `simpsons-ray label`.")
@@ -83,7 +90,7 @@ def open_labels(labels_uri: str, allow_empty: bool = False) -> LabelsDataset:
             f"No labels at {labels_uri}: it holds no episode=<id>/*.parquet files; "
             "pass the --output of `simpsons-ray label`."
         )
-    return LabelsDataset(labels_uri, dataset, fragments)
+    return LabelsDataset(labels_uri, dataset, fragments, per_frame)
 
 
 def as_labels(labels: str | LabelsDataset, allow_empty: bool = False) -> LabelsDataset:
@@ -164,12 +171,21 @@ def read_episode(
     for fragment in labels.fragments[episode]:
         check_fragment(labels, fragment, columns)
         try:
-            tables.append(fragment.to_table(schema=schema.READ_SCHEMA, columns=list(columns), filter=filter))
+            read = _answer_columns(fragment, columns) if labels.per_frame else list(columns)
+            tables.append(fragment.to_table(schema=schema.READ_SCHEMA, columns=read, filter=filter).rename_columns(list(columns)))
         except (OSError, pa.ArrowException) as exc:
             raise UserError(f"Cannot read {_file_uri(labels, fragment)} in the labels at {labels.uri}: {first_line(exc).rstrip('.')}.") from None
     if not tables:
         return schema.READ_SCHEMA.empty_table().select(list(columns))
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _answer_columns(fragment: pads.ParquetFileFragment, columns: Sequence[str]) -> list[str]:
+    """``columns``, with the frame's own characters read in place of the pooled ones where the file has them."""
+    if fragment.physical_schema.get_field_index("frame_characters") < 0:
+        return list(columns)  # written before pooling: ``characters`` is the frame's own
+    own = {"characters": "frame_characters", "character_scores": "frame_character_scores"}
+    return [own.get(c, c) for c in columns]
 
 
 def map_episodes(episodes: Sequence[str], work: Callable[[str], T]) -> list[T]:

@@ -65,6 +65,12 @@ SCRIPT = r"""
       title.textContent = lanes[s[0]] + ' ' + s[1].toFixed(1) + '-' + (s[1] + s[2]).toFixed(1) + ' ' + info.unit;
       r.appendChild(title); svg.appendChild(r);
     });
+    (info.cuts || []).forEach(function (c) {  // shot boundaries, behind nothing: thin grey lines across every lane
+      var l = document.createElementNS(NS, 'line'), x = left + (width - left - 10) * c / end;
+      l.setAttribute('x1', x); l.setAttribute('x2', x); l.setAttribute('y1', 0); l.setAttribute('y2', lanes.length * lane);
+      l.setAttribute('class', 'cut'); l.setAttribute('stroke', '#bbb'); l.setAttribute('stroke-width', '0.5');
+      svg.insertBefore(l, svg.firstChild);
+    });
     var axis = document.createElementNS(NS, 'text');
     axis.setAttribute('x', left); axis.setAttribute('y', lanes.length * lane + 18);
     axis.textContent = '0 - ' + info.end.toFixed(1) + ' ' + info.unit;

@@ -1,4 +1,4 @@
-"""TODO"""
+"""`simpsons-ray report`: read and reduce the labels (facts.py), write the one HTML page (html.py)."""
 
 from __future__ import annotations
 

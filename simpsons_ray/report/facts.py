@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,7 @@ THUMBNAIL_PX = (160, 120)
 # Characters given their own column in the per-episode table and chart; the rest are summed.
 TABLE_CHARACTERS = 15
 _SEASON = re.compile(r"^(s\d+)e\d+", re.IGNORECASE)
-_COLUMNS = ["frame", "timestamp_s", "source", "label", "confidence", "model_id", "characters", "character_scores"]
+_COLUMNS = ["frame", "timestamp_s", "source", "label", "confidence", "model_id", "characters", "character_scores", "shot"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ class EpisodeFacts:
     segments: pd.DataFrame  # query.SEGMENTS_COLUMNS
     best: pd.DataFrame  # character, score, frame, timestamp_s, source
     error_rows: int = 0
+    cuts: np.ndarray = field(default_factory=lambda: np.zeros(0))  # where each shot after the first starts: seconds, or frames untimed
+    shots: int = 0  # 0: labelled before shots
 
     @property
     def season(self) -> str:
@@ -132,7 +134,21 @@ def episode_facts(labels: query.LabelsDataset, episode: str, config: ReportConfi
         pairs=pairs,
         segments=segments,
         best=best,
+        cuts=_cuts(table, frame, timestamp, interval),
+        shots=len(pc.unique(table["shot"].drop_null())),
     )
+
+
+def _cuts(table: pa.Table, frame: np.ndarray, timestamp: np.ndarray, interval: float | None) -> np.ndarray:
+    """Where each shot after the first starts, on the timeline's axis (seconds, or frame numbers without times)."""
+    shot = table["shot"].to_numpy(zero_copy_only=False)
+    known = ~pd.isna(shot)
+    if not known.any():
+        return np.zeros(0)
+    position = timestamp if interval is not None else frame.astype(np.float64)
+    order = np.lexsort((frame[known], position[known]))
+    shot, position = shot[known][order].astype(np.int64), position[known][order]
+    return position[1:][np.diff(shot) != 0]
 
 
 def _failed_episode(episode: str, error_rows: int) -> EpisodeFacts:

@@ -123,7 +123,8 @@ def _timeline_data(facts: list[EpisodeFacts], lanes: list[str], colors: dict[str
             lengths = (seg["last_frame"] - seg["first_frame"] + 1).to_numpy(float)
             end = float((seg["last_frame"] + 1).max()) if len(seg) else 1.0
         items = [[lane_of[c], round(float(s), 2), round(float(d), 2)] for c, s, d in zip(seg["character"], starts, lengths) if c in lane_of]
-        episodes[f.episode] = {"end": round(end, 2), "unit": "s" if timed else "frames", "segments": items}
+        episodes[f.episode] = {"end": round(end, 2), "unit": "s" if timed else "frames", "segments": items,
+                               "cuts": [round(float(c), 2) for c in f.cuts]}
     text = json.dumps({"lanes": lanes, "colors": colors, "episodes": episodes}, separators=(",", ":"))
     return text.replace("</", "<\\/")  # never close the script element early
 
@@ -262,12 +263,13 @@ def _together(page: _Page) -> str:
 
 
 def _timelines(page: _Page) -> str:
-    out = [f"<h2 id='timelines'>Timelines</h2><p>Every episode, one lane per character; open one to draw it. "
+    out = [f"<h2 id='timelines'>Timelines</h2><p>Every episode, one lane per character, grey lines where shots change; open one to draw it. "
            f"<button id='open-all' type='button'>open all {len(page.facts)}</button></p>"]
     for i, f in enumerate(page.facts):
         opened = " open" if i == 0 else ""
         out.append(f"<details class='timeline' data-episode='{escape(f.episode)}'{opened}><summary>{escape(f.episode)}: "
-                   f"{len(f.segments):,} segments, {f.labelled:,} labelled of {f.rows:,} frames</summary></details>")
+                   f"{len(f.segments):,} segments, {f.labelled:,} labelled of {f.rows:,} frames"
+                   f"{f', {f.shots:,} shots' if f.shots else ''}</summary></details>")
     out.append(f"<script type='application/json' id='timeline-data'>{_timeline_data(page.facts, page.characters, page.colors)}</script>")
     return "".join(out)
 
