@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from simpsons_ray import cli, query, report
-from simpsons_ray.labels import schema
 from simpsons_ray.report import facts as facts_lib
 from test_query import CHARACTERS, ERRORS, LISTED_FILE_SCHEMA, dataset, expected_screen_time  # noqa: F401  (the four-episode labels fixture)
 from waiting import wait_until
