@@ -165,7 +165,6 @@ class EpisodeWriter:
         return marker
 
 
-
 def _lists(flat, rows: int, width: int, type_: pa.DataType) -> pa.ListArray:
     """N lists of ``width`` values each, from their values end to end."""
     offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
