@@ -138,6 +138,7 @@ def test_a_dropped_episode_leaves_no_file_and_no_open_upload(s3_server):
     from simpsons_ray.label.commit import EpisodeWriter
     from simpsons_ray.label.episodes import FOLDER, Episode
     from simpsons_ray.label.settings import LabelSettings
+    from simpsons_ray.label.shots import SIGNATURE_SIZE
     from simpsons_ray.labels.layout import OutputLayout
 
     bucket = s3_server.new_bucket()
@@ -146,7 +147,8 @@ def test_a_dropped_episode_leaves_no_file_and_no_open_upload(s3_server):
     n = 20_000
     writer.add({"frame": np.arange(n), "source": np.array([f"s{i}" for i in range(n)], dtype=object),
                 "error": np.array([""] * n, dtype=object), "timestamp": np.full(n, np.nan),
-                "top_indices": np.zeros((n, 2), np.int64), "top_scores": np.full((n, 2), 0.5, np.float32)})
+                "top_indices": np.zeros((n, 2), np.int64), "top_scores": np.full((n, 2), 0.5, np.float32),
+                "scores": np.full((n, 2), 0.5, np.float32), "signature": np.zeros((n, SIGNATURE_SIZE), np.float32)})
     writer._flush()  # a row group written: the file is open on S3
     client = s3_server.client()
     key = writer.tmp_uri[len(f"s3://{bucket}/"):]
