@@ -36,7 +36,7 @@ from simpsons_ray.train.config import TrainConfig, check_choices, plan_phases, r
 from simpsons_ray.train.data import decode_or_stop
 from simpsons_ray.train.mixing import validation_frames
 from simpsons_ray.train.results import write_artifact
-from simpsons_ray.train.state import CHECKPOINT_RUN_NAME, STATE_FILE, TrainState
+from simpsons_ray.train.state import CHECKPOINT_RUN_NAME, STATE_FILE, TrainState, newest_stored_state
 from simpsons_ray.train.worker import train_loop_per_worker
 
 
@@ -67,7 +67,10 @@ def _check_resume(config: TrainConfig) -> None:
                 f"{config.output_uri} holds a run with different settings ({', '.join(differ)}): "
                 "rerun with the same flags to resume, or choose another --output."
             )
-        print(f"resuming the run in {config.output_uri}")
+        # Before any worker starts: checkpoints that all fail to load stop the run here, in one sentence.
+        stored = newest_stored_state(config.output_uri)
+        print(f"resuming the run in {config.output_uri}"
+              + (f" from its checkpoint after epoch {stored.epoch}" if stored is not None else " (no checkpoint yet: from the start)"))
     storage.write_json(record_uri, mine)
 
 

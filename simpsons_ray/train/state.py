@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -11,7 +12,9 @@ import torch
 from torch import nn
 
 from simpsons_ray.core import storage
-from simpsons_ray.core.errors import storage_failure
+from simpsons_ray.core.errors import UserError, first_line, storage_failure
+
+log = logging.getLogger("simpsons_ray.train")
 
 CHECKPOINT_RUN_NAME = "_train"  # OUTPUT/_train/: Ray Train's checkpoints and run record
 
@@ -57,9 +60,11 @@ def newest_stored_state(output_uri: str) -> TrainState | None:
     with get_checkpoint() None although the checkpoint is already in storage.
 
     A checkpoint cut short by the failure (its state file missing or truncated)
-    is passed over for the one before. Storage that cannot be read is not "no
-    checkpoint": it raises, and the run fails instead of starting over from
-    nothing (a rerun resumes once the storage answers).
+    is passed over for the one before, with a warning that names it. When
+    checkpoints exist and none can be read, the run stops with one sentence
+    instead of starting over from nothing (UnreadableCheckpoints). Storage that
+    cannot be read is not "no checkpoint" either: it raises, and a rerun resumes
+    once the storage answers.
     """
     root = storage.join(output_uri, CHECKPOINT_RUN_NAME)
     try:
@@ -68,19 +73,35 @@ def newest_stored_state(output_uri: str) -> TrainState | None:
         return None
     except OSError as exc:
         raise storage_failure(f"the checkpoints under {root}", exc) from None
+    passed_over: list[str] = []
     for name in names:  # names carry their timestamp, so newest sorts first
         uri = storage.join(root, name, STATE_FILE)
         try:
             data = storage.read_bytes(uri)
         except FileNotFoundError:  # the upload of this checkpoint never finished
+            passed_over.append(f"{name} (no {STATE_FILE})")
             continue
         except OSError as exc:
             raise storage_failure(uri, exc) from None
         try:
-            return TrainState.from_bytes(data)
-        except Exception:  # truncated or corrupt bytes: try the one before
+            state = TrainState.from_bytes(data)
+        except Exception as exc:  # truncated or corrupt bytes: try the one before
+            passed_over.append(f"{name} ({STATE_FILE} of {len(data):,} bytes does not load: {first_line(exc)[:120]})")
             continue
+        if passed_over:
+            log.warning("train: resuming from %s; passed over the newer checkpoint(s) that cannot be read: %s", name, "; ".join(passed_over))
+        return state
+    if passed_over:
+        raise UnreadableCheckpoints(
+            f"None of the {len(passed_over)} checkpoint(s) under {root} can be read ({'; '.join(passed_over[:3])}"
+            f"{' and more' if len(passed_over) > 3 else ''}): training would start over from nothing. Move {root} away "
+            "to start over, or put a readable checkpoint back."
+        )
     return None
+
+
+class UnreadableCheckpoints(UserError):
+    """A run's checkpoints exist and none of them can be read."""
 
 
 def cpu_state(module: nn.Module) -> dict:

@@ -95,8 +95,11 @@ def _restored_state(config: TrainConfig) -> TrainState:
     if checkpoint is None:
         return newest_stored_state(config.output_uri) or TrainState(history=[])
     with checkpoint.as_directory() as directory:
-        with open(os.path.join(directory, STATE_FILE), "rb") as f:
-            return TrainState.from_bytes(f.read())
+        try:
+            with open(os.path.join(directory, STATE_FILE), "rb") as f:
+                return TrainState.from_bytes(f.read())
+        except Exception:  # Ray's latest is cut short or corrupt: the newest readable one, named and warned about
+            return newest_stored_state(config.output_uri) or TrainState(history=[])
 
 
 @dataclass
