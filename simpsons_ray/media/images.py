@@ -7,14 +7,9 @@ the contact sheets all decode through :func:`decode_rgb`.
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
-
-# 8K UHD is 33 Mpx; anything past 64 Mpx in a frame dump is a decompression bomb,
-# and rejecting it by header keeps a worker from allocating gigabytes.
-
 
 # 8K UHD is 33 Mpx; anything past 64 Mpx in a frame dump is a decompression bomb,
 # and rejecting it by header keeps a worker from allocating gigabytes.
@@ -36,18 +31,22 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode bytes into an RGB PIL image, whatever the mode (L, LA, P, RGBA, CMYK, I;16)."""
     if not data:
         raise ImageDecodeError("empty file")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated frame is an error, not grey pixels
+    # No global state is touched: decode tasks call this from several threads. A
+    # truncated file is an error because PIL's ImageFile.LOAD_TRUNCATED_IMAGES is
+    # False (its default; checked below), and bombs are refused by our own pixel limit,
+    # read from the header, before PIL's own warnings or errors would come into it.
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: truncated frames would decode "
+                           "as grey pixels; leave it False")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size  # header only, nothing decoded yet
-            if width * height > max_pixels:
-                raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the {max_pixels:,}-pixel limit")
-            img.load()
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size  # header only, nothing decoded yet
+        if width * height > max_pixels:
+            raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the {max_pixels:,}-pixel limit")
+        img.load()
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         # PIL's own message names the BytesIO object's address, different every run.
