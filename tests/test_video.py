@@ -22,6 +22,7 @@ from imagegen import SHAPE_CLASSES, class_image, encode, upload_tree, write_audi
 from simpsons_ray.core.errors import UserError
 from simpsons_ray.label.config import LabelConfig
 from simpsons_ray.label.episodes import VIDEO, list_episodes
+from simpsons_ray.label.pooling import PoolSettings
 from simpsons_ray.label.run import label
 from simpsons_ray.label.settings import LabelSettings
 from simpsons_ray.labels import schema
@@ -121,6 +122,17 @@ def test_not_a_video_no_video_stream_and_empty_file(tmp_path):
         video.probe(str(tmp_path / "empty.mkv"))
 
 
+def test_a_video_whose_frames_are_too_big_is_refused_when_probed(tmp_path, monkeypatch):
+    """The frame size is read from the stream's header; past the limit the video is an error row, never decoded.
+    (The limit is lowered here: a real 64-Mpx H.264 stream takes gigabytes to write.)"""
+    path = str(tmp_path / "v.mp4")
+    make_video(path, seconds=1)
+    assert video.probe(path).width == 160
+    monkeypatch.setattr(video, "MAX_FRAME_PIXELS", 160 * 120 - 1)
+    with pytest.raises(video.VideoError, match="frames of 160x120 pixels exceed the 19,199-pixel limit"):
+        video.probe(path)
+
+
 def test_truncated_video_keeps_the_frames_before_the_cut(tmp_path):
     path = str(tmp_path / "v.mkv")
     make_video(path, seconds=6)
@@ -155,8 +167,11 @@ def test_dump_timestamps_count_from_the_first_frame_number():
     assert stamps == [0.0, 0.5, 1.0, 4.5]
     assert settings.timestamps(np.array([5]), np.array([7.25])).to_pylist() == [7.25]  # a video's own time wins
     assert LabelSettings("m", 3, 0.0).timestamps(np.array([5]), np.array([np.nan])).to_pylist() == [None]
-    # Markers written before the flag existed were made with first frame 0.
-    assert LabelSettings("m", 3, 0.0, fps=2.0).differences({"model_id": "m", "top_k": 3, "min_confidence": 0.0, "fps": 2.0}, "folder") == []
+    # Markers written before the flag existed were made with first frame 0, and those before pooling answer per frame.
+    legacy = {"model_id": "m", "top_k": 3, "min_confidence": 0.0, "fps": 2.0}
+    per_frame = PoolSettings(method="none")
+    assert LabelSettings("m", 3, 0.0, fps=2.0, pool=per_frame).differences(legacy, "folder") == []
+    assert [d.split(" ")[0] for d in LabelSettings("m", 3, 0.0, fps=2.0).differences(legacy, "folder")] == ["pooling"]
 
 
 # ------------------------------------------------------------------------ with Ray
@@ -249,6 +264,41 @@ def test_videos_on_s3_at_every_frame(ray_session, shapes_model, videos, sampled_
     both = every.merge(read_labels(sampled_run["output"]), on=["episode", "frame"], suffixes=("_all", "_2fps"))
     assert len(both) == 2 * SECONDS * 2 and (both["label_all"] == both["label_2fps"]).all()
     assert np.allclose(both["confidence_all"], both["confidence_2fps"], atol=1e-5)
+
+
+@pytest.mark.parametrize("sample_fps", [2.0, 4.0, None], ids=["2fps", "4fps", "all"])
+def test_a_truncated_video_on_s3_gives_its_frames_and_an_error_row_as_on_disk(ray_session, shapes_model, s3_server, s3_bucket,
+                                                                              tmp_path, sample_fps):
+    """A cut .mkv among good videos: read from S3, a range that starts past the cut seeks past the end of the object.
+
+    pyarrow's S3 file refused that seek, the read task raised and the whole job failed;
+    now each range reads as from a local disk: the good frames, one error row, the job done.
+    """
+    folder = tmp_path / "episodes"
+    folder.mkdir()
+    make_video(str(folder / "good.mp4"), seed=1, seconds=4)
+    make_video(str(folder / "fine.mkv"), seed=2, seconds=4)
+    make_video(str(tmp_path / "whole.mkv"), seed=4, seconds=8)
+    data = (tmp_path / "whole.mkv").read_bytes()
+    (folder / "cut.mkv").write_bytes(data[: len(data) * 2 // 5])
+    frames_uri = upload_tree(s3_server.client(), s3_bucket, str(folder), f"cut-{sample_fps}")
+    runs = {}
+    for where, frames in (("s3", frames_uri), ("disk", str(folder))):
+        output = str(tmp_path / f"labels-{where}")
+        summary = label(LabelConfig(model_uri=shapes_model, frames_uri=frames, output_uri=output, sample_fps=sample_fps,
+                                    seconds_per_read_task=1.0))
+        assert summary["episodes_labelled"] == 3
+        runs[where] = (read_labels(output), read_errors(output))
+    (df, errors), (disk_df, disk_errors) = runs["s3"], runs["disk"]
+    per_second = sample_fps or FPS
+    for good in ("good", "fine"):
+        assert (df["episode"] == good).sum() == 4 * per_second
+    cut = df[df["episode"] == "cut"]
+    assert 0 < len(cut) < 8 * per_second
+    assert set(errors["episode"]) == {"cut"} and all("truncated" in e or "corrupt" in e or "no frames" in e for e in errors["error"])
+    # The same rows and errors as the same files on a local disk.
+    assert sorted(cut["frame"]) == sorted(disk_df[disk_df["episode"] == "cut"]["frame"])
+    assert len(errors) == len(disk_errors)
 
 
 def test_contact_sheet_reads_frames_from_the_video(videos, sampled_run, tmp_path):

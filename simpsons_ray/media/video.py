@@ -65,6 +65,10 @@ TRUNCATION_SLACK_S = 1.0
 # seek by estimated byte position), seek again this much earlier, then further.
 RESEEK_BACKOFF_S = (2.0, 10.0, 60.0)
 
+# 8K UHD is 33 Mpx a frame; a stream that claims more is refused when probed, before a
+# read task allocates frames of that size (as images are refused by header: images.MAX_PIXELS).
+MAX_FRAME_PIXELS = 64_000_000
+
 
 class VideoError(Exception):
     """The file is not a video we can decode; the message is the error row's text."""
@@ -90,10 +94,19 @@ def parse_sample_fps(value: float | None) -> Fraction | None:
 
 # ----------------------------------------------------------------------------- open
 class _RangedReader(io.RawIOBase):
-    """A pyarrow random-access file as a raw stream, so io.BufferedReader can batch PyAV's small reads."""
+    """A pyarrow random-access file as a raw stream, so io.BufferedReader can batch PyAV's small reads.
+
+    It seeks as a local file does: past the end is allowed, and reads there return
+    nothing. pyarrow's S3 file refuses such a seek ("Cannot seek past end of file"),
+    which FFmpeg asks for when a truncated file's index points beyond its data; the
+    range of a cut video on S3 then failed its whole job, where a local copy gave its
+    frames and an error row.
+    """
 
     def __init__(self, handle):
         self._handle = handle
+        self._size = handle.size()
+        self._position = 0
 
     def readable(self) -> bool:
         return True
@@ -102,15 +115,22 @@ class _RangedReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        data = self._handle.read(len(buffer))
+        if self._position >= self._size:
+            return 0
+        data = self._handle.read_at(min(len(buffer), self._size - self._position), self._position)
         buffer[: len(data)] = data
+        self._position += len(data)
         return len(data)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._handle.seek(offset, whence)
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise OSError(f"negative seek position {base + offset}")
+        self._position = base + offset
+        return self._position
 
     def tell(self) -> int:
-        return self._handle.tell()
+        return self._position
 
     def close(self) -> None:
         if not self.closed:
@@ -201,6 +221,9 @@ def probe(uri: str) -> VideoInfo:
         duration = video.duration_s()
         if duration is not None and duration <= 0:
             raise VideoError("the video has zero length")
+        width, height = video.stream.codec_context.width, video.stream.codec_context.height
+        if width * height > MAX_FRAME_PIXELS:
+            raise VideoError(f"frames of {width}x{height} pixels exceed the {MAX_FRAME_PIXELS:,}-pixel limit")
         # Decode the first frame: a codec FFmpeg only knows by name, or a file
         # whose header is fine but whose data is not, fails here, before any task.
         try:
@@ -212,8 +235,8 @@ def probe(uri: str) -> VideoInfo:
         return VideoInfo(
             duration_s=duration,
             frame_rate=float(video.frame_rate),
-            width=video.stream.codec_context.width,
-            height=video.stream.codec_context.height,
+            width=width,
+            height=height,
             codec=codec,
         )
 
@@ -326,6 +349,9 @@ def read_frames_at(uri: str, times: list[float], max_side: int = 480) -> dict[fl
 
     found: dict[float, Image.Image | None] = {t: None for t in times}
     with _Video(uri) as video:
+        width, height = video.stream.codec_context.width, video.stream.codec_context.height
+        if width * height > MAX_FRAME_PIXELS:
+            raise VideoError(f"frames of {width}x{height} pixels exceed the {MAX_FRAME_PIXELS:,}-pixel limit")
         frame_s = 1 / video.frame_rate if video.frame_rate else Fraction(1, 1000)
         for t in sorted(times):
             target = Fraction(str(t))
