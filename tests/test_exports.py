@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import srt
 import webvtt
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from simpsons_ray import cli, query
 from simpsons_ray.core.errors import UserError
@@ -49,6 +51,27 @@ def test_overlapping_segments_become_cues_naming_everyone_on_screen():
     ]
     vtt = webvtt.from_string(exports.subtitles(segs, "vtt"))
     assert [(_vtt_seconds(c.start), _vtt_seconds(c.end), c.text) for c in vtt] == got
+
+
+@settings(max_examples=150, deadline=None)
+@given(names=st.lists(st.text(min_size=1, max_size=24), min_size=1, max_size=3, unique=True),
+       episode=st.text(min_size=1, max_size=16))
+def test_any_name_stays_text_in_srt_vtt_and_edl(names, episode):
+    """Names from a hostile model (tags, styling, line breaks, "-->"): one cue per piece, no markup, no extra line."""
+    segs = _segments(episode=episode, character=names, start_s=[10.0 * i for i in range(len(names))],
+                     end_s=[10.0 * i + 5 for i in range(len(names))])
+    for fmt, parse in (("srt", lambda text: [c.content for c in srt.parse(text)]),
+                       ("vtt", lambda text: [c.text for c in webvtt.from_string(text)])):
+        text = exports.subtitles(segs, fmt)
+        cues = parse(text)
+        assert len(cues) == len(names), (fmt, text)
+        for cue in cues:
+            assert "<" not in cue and ">" not in cue and "\n" not in cue.strip("\n")
+            assert fmt == "vtt" or "{" not in cue
+    edl = exports.edit_list(segs).splitlines()
+    assert len(edl) == 2 + 4 * len(names)  # TITLE, FCM, a blank line; then four lines an event, the last blank one dropped
+    events = [line for line in edl if re.match(r"^\d{3}  ", line)]
+    assert len(events) == len(names)
 
 
 def test_subtitles_of_a_labelled_episode_match_its_segments(dataset):  # noqa: F811

@@ -17,6 +17,7 @@ character in the clip name, so an editor's bin lists every appearance.
 from __future__ import annotations
 
 import math
+import unicodedata
 from fractions import Fraction
 
 import numpy as np
@@ -33,8 +34,25 @@ DEFAULT_TIMECODE_FPS = 24.0
 
 
 def display_name(character: str) -> str:
-    """``homer_simpson`` -> ``Homer Simpson``: the folder names of the Kaggle data, as people write them."""
-    return " ".join(part.capitalize() for part in str(character).split("_") if part)
+    """``homer_simpson`` -> ``Homer Simpson``: the folder names of the Kaggle data, as people write them.
+
+    Control characters (a line break would end a cue, or start an EDL event) become spaces.
+    """
+    plain = _one_line(character)
+    shown = " ".join(part.capitalize() for part in plain.replace("_", " ").split())
+    return shown or "(no name)"  # a blank line would end the cue
+
+
+def cue_text(name: str, fmt: str) -> str:
+    """A name as a subtitle cue shows it, never read as markup.
+
+    Players read tags in both formats (``<i>``, ``<b>``, ``<font ...>`` in SubRip, any
+    ``<...>`` in WebVTT) and ``{\\...}`` styling in SubRip, and WebVTT forbids ``-->``
+    in a cue: ``&``, ``<`` and ``>`` become entities (which both decode), and SubRip's
+    braces become parentheses.
+    """
+    text = name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("{", "(").replace("}", ")") if fmt == "srt" else text
 
 
 def _timed(segments: pd.DataFrame, what: str) -> pd.DataFrame:
@@ -100,7 +118,7 @@ def subtitles(segments: pd.DataFrame, fmt: str) -> str:
     separator = "," if fmt == "srt" else "."
     blocks = []
     for number, (start, end, names) in enumerate(cues, start=1):
-        text = ", ".join(display_name(n) for n in names)
+        text = ", ".join(cue_text(display_name(n), fmt) for n in names)
         timing = f"{clock(start, 3, True, separator)} --> {clock(end, 3, True, separator)}"
         blocks.append(f"{number}\n{timing}\n{text}\n")
     if fmt == "vtt":
@@ -166,14 +184,19 @@ def edit_list(segments: pd.DataFrame, fps: float = DEFAULT_TIMECODE_FPS, title: 
     episode = _one_episode(segments, "edit list")
     segments = _timed(segments, "edit list").sort_values(["start_s", "character"], kind="stable")
     _, _, drop = _rate(check_timecode_fps(fps))
-    lines = [f"TITLE: {title or episode or 'simpsons-ray'}", f"FCM: {'DROP FRAME' if drop else 'NON-DROP FRAME'}", ""]
+    lines = [f"TITLE: {_one_line(title or episode or 'simpsons-ray')}", f"FCM: {'DROP FRAME' if drop else 'NON-DROP FRAME'}", ""]
     for number, row in enumerate(segments.itertuples(index=False), start=1):
         start, end = timecode(row.start_s, fps), timecode(row.end_s, fps)
         lines.append(f"{number:03d}  AX       V     C        {start} {end} {start} {end}")
-        lines.append(f"* FROM CLIP NAME: {row.episode}")
-        lines.append(f"* COMMENT: {display_name(row.character)} ({row.character}), {row.frames} frames")
+        lines.append(f"* FROM CLIP NAME: {_one_line(row.episode)}")
+        lines.append(f"* COMMENT: {display_name(row.character)} ({_one_line(row.character)}), {row.frames} frames")
         lines.append("")
     return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    """A field stays on its line: control characters and line or paragraph separators become spaces."""
+    return "".join(" " if unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") else c for c in str(text))
 
 
 def render(segments: pd.DataFrame, fmt: str, timecode_fps: float = DEFAULT_TIMECODE_FPS) -> str:
