@@ -487,6 +487,37 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def test_decoding_in_many_threads_touches_no_global_state():
+    """Decode tasks decode in threads: truncated files and bombs fail each on its own, good ones decode, and
+    neither PIL's settings nor the warnings filters change (the old decode set one and swapped the other per call)."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import ImageFile
+
+    from simpsons_ray.media.images import ImageDecodeError, decode_rgb
+
+    rng = np.random.default_rng(2)
+    good = [encode(class_image(i % 4, rng, 64), "JPEG") for i in range(40)]
+    inputs = [(g, "ok") for g in good] + [(g[: len(g) // 2], "truncated") for g in good[:20]]
+    inputs += [(png_claiming(100_000, 100_000), "bomb")] * 10
+    filters = list(warnings.filters)
+
+    def one(item):
+        data, kind = item
+        try:
+            return kind, decode_rgb(data).size
+        except ImageDecodeError as exc:
+            return kind, str(exc)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, inputs * 3))
+    assert all(r == (64, 64) for kind, r in results if kind == "ok")
+    assert all(isinstance(r, str) and "cannot decode" in r for kind, r in results if kind == "truncated")
+    assert all(isinstance(r, str) and ("pixel limit" in r or "decompression bomb" in r) for kind, r in results if kind == "bomb")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False and warnings.filters == filters
+
+
 def mode_image(mode: str, rng: np.random.Generator) -> bytes:
     rgb = class_image(1, rng, FRAME_PX)
     if mode == "CMYK":
@@ -496,6 +527,26 @@ def mode_image(mode: str, rng: np.random.Generator) -> bytes:
     if mode == "P":
         return encode(rgb.convert("P", palette=Image.ADAPTIVE), "PNG")
     return encode(rgb.convert(mode), "PNG")
+
+
+def test_episodes_whose_names_are_not_ids_are_refused_and_nothing_is_written_for_them(ray_session, model_dir, tmp_path):
+    """A folder "100%" (hive would decode it), an archive "x=y.tar" and "<b>.tar" beside a good episode: listed, never written."""
+    frames = tmp_path / "frames"
+    rng = np.random.default_rng(8)
+    for name in ("good", "100%"):
+        (frames / name).mkdir(parents=True)
+        for i in range(3):
+            (frames / name / f"frame_{i:04d}.jpg").write_bytes(frame_bytes(rng, i))
+    for name in ("x=y.tar", "<b>.tar"):
+        write_tar(str(frames / name), {f"f/{i:05d}.jpg": frame_bytes(rng, i) for i in range(3)})
+    output = tmp_path / "labels"
+    summary = label(LabelConfig(model_uri=model_dir, frames_uri=str(frames), output_uri=str(output)))
+    assert summary["episodes_labelled"] == 1 and summary["frames_labelled"] == 3
+    assert sorted(r.split(":")[0] for r in summary["episodes_refused"]) == ["100%", "<b>.tar", "x=y.tar"]
+    written = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file() and "_runs" not in str(p))
+    assert written == ["_progress/good.json", "episode=good/part-0.parquet"]
+    with pytest.raises(UserError, match="--episodes '100%' is not an episode id .*may not hold '%'"):
+        label(LabelConfig(model_uri=model_dir, frames_uri=str(frames), output_uri=str(output), episodes=("100%",)))
 
 
 @pytest.mark.parametrize("decode", ["tasks", "predictor"])

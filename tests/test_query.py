@@ -20,6 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from imagegen import class_image, encode, upload_tree, write_tar
@@ -747,3 +749,44 @@ def test_error_misused_flags(dataset, capsys):
             capsys, ["query", question, "--labels", labels_uri, "--nobody"])
     assert "--nobody applies" in _error(capsys, ["query", "at", "--labels", labels_uri, "--episode", "s01e01", "--time", "0", "--nobody"])
     assert "--plot" in _error(capsys, ["query", "summary", "--labels", labels_uri, "--plot", "x.png"])
+
+
+# ------------------------------------------------------------------------ episode ids
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(st.text(min_size=1, max_size=40), st.from_regex(r"[^\W_][\w .+()\[\]%=/-]{0,30}", fullmatch=True)))
+def test_an_episode_id_reads_back_as_itself_or_is_not_one(tmp_path_factory, name):
+    """Any name: either it is an id (labels.ids), and an episode=<id> folder reads back as exactly that id, a
+    plain path segment that URL-decoding leaves alone; or it is refused, with a reason."""
+    import urllib.parse
+
+    from simpsons_ray.labels.ids import check_episode_id
+
+    why = check_episode_id(name)
+    if why:
+        assert why.startswith("an episode id")
+        return
+    assert "/" not in name and "%" not in name and name not in (".", "..") and urllib.parse.unquote(name) == name
+    root = tmp_path_factory.mktemp("ids")
+    rows = _episode_rows("s01e02", 1, str(root / "frames"))
+    write_labels(str(root), rows.assign(episode=name), parts_per_episode=1)
+    assert query.open_labels(str(root)).episodes == [name]
+    assert query.summary(str(root))["episode"].tolist() == [name]
+
+
+def test_folders_whose_names_are_not_ids_are_ignored_and_exports_stay_inside_their_folder(tmp_path, caplog):
+    """An output holding episode=..%2F..%2Fx (hive decodes it to ../../x) and episode=100%: ignored with a warning,
+    and `query segments --output DIR/` writes one file per real episode, inside DIR."""
+    root = tmp_path / "labels"
+    write_labels(str(root), _episode_rows("s01e02", 1, str(tmp_path / "frames")), parts_per_episode=1)
+    for folder in ("episode=..%2F..%2Fescaped", "episode=100%"):
+        shutil.copytree(root / "episode=s01e02", root / folder)
+    with caplog.at_level("WARNING", logger="simpsons_ray.query"):
+        assert query.open_labels(str(root)).episodes == ["s01e02"]
+    assert "episode=..%2F..%2Fescaped" in caplog.text and "not an episode id" in caplog.text
+    out = tmp_path / "exports" / "srt"
+    out.mkdir(parents=True)
+    assert cli.main(["query", "segments", "--labels", str(root), "--format", "srt", "--output", f"{out}/"]) == 0
+    assert sorted(os.listdir(out)) == ["s01e02.srt"]
+    assert not (tmp_path / "escaped.srt").exists() and not list(tmp_path.rglob("escaped*"))
+    with pytest.raises(UserError, match="No episode '../../escaped'"):
+        query.segments(str(root), episodes=["../../escaped"])

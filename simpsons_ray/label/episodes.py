@@ -22,6 +22,7 @@ big, no number in its name, a stray non-image file, a broken archive) is a row w
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import posixpath
 import re
@@ -31,6 +32,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from simpsons_ray.core import storage
 from simpsons_ray.core.errors import UserError, first_line
+from simpsons_ray.labels.ids import check_episode_id
 from simpsons_ray.media.archives import ARCHIVE_ERRORS, iter_tar_members
 from simpsons_ray.media.images import is_image_name
 from simpsons_ray.media.sources import ARCHIVE_SUFFIXES, VIDEO_SUFFIXES
@@ -49,6 +51,8 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024
 REMOTE_READ_THREADS = 16
 
 _DIGITS = re.compile(r"\d+")
+
+logger = logging.getLogger("simpsons_ray.label")
 
 
 class RawFrame(NamedTuple):
@@ -104,11 +108,14 @@ def episode_of_file(name: str) -> tuple[str, str] | None:
     return None
 
 
-def list_episodes(frames_uri: str, episodes: Sequence[str] = ()) -> list[Episode]:
+def list_episodes(frames_uri: str, episodes: Sequence[str] = (), refused: list[str] | None = None) -> list[Episode]:
     """Episodes under ``frames_uri`` (sorted by id), optionally only those named.
 
     Raises UserError, before any work, for a missing path, a dump with no episodes,
     an episode that is both a folder and an archive, or an unknown ``episodes`` id.
+    A name whose id is outside the alphabet of ``labels.ids`` is left out, with a
+    warning, and goes to ``refused`` as "name: why"; naming one in ``episodes`` is a
+    UserError, as is a dump where every episode is refused.
     """
     # Sources in the labels must name their file from any working directory.
     frames_uri = storage.absolute(frames_uri)
@@ -138,6 +145,7 @@ def list_episodes(frames_uri: str, episodes: Sequence[str] = ()) -> list[Episode
                     f"{storage.basename(found[episode_id].uri)} and {kind} {name}): keep one."
                 )
             found[episode_id] = Episode(episode_id, storage.join(frames_uri, name), kind)
+    found = _without_bad_ids(found, episodes, frames_uri, refused)
     if not found:
         raise UserError(
             f"No episodes under --frames {frames_uri}: expected <episode>/ folders of frames, <episode>.tar / .tar.gz archives "
@@ -151,6 +159,25 @@ def list_episodes(frames_uri: str, episodes: Sequence[str] = ()) -> list[Episode
             )
         found = {e: found[e] for e in episodes}
     return [found[e] for e in sorted(found)]
+
+
+def _without_bad_ids(found: dict[str, Episode], episodes: Sequence[str], frames_uri: str, refused: list[str] | None) -> dict[str, Episode]:
+    """``found`` less the episodes whose id is outside the alphabet (labels.ids), each named in a warning and in ``refused``."""
+    bad = {e: why for e in found if (why := check_episode_id(e))}
+    if not bad:
+        return found
+    for episode_id, why in bad.items():
+        logger.warning("label: %s is not labelled: %r is not an episode id (%s; see simpsons_ray.labels.ids)",
+                       found[episode_id].uri, episode_id, why)
+    if refused is not None:
+        refused.extend(f"{storage.basename(found[e].uri)}: {why}" for e, why in sorted(bad.items()))
+    asked = [e for e in episodes if e in bad]
+    if asked:
+        raise UserError(f"--episodes {asked[0]!r} is not an episode id ({bad[asked[0]]}): rename its file or folder.")
+    if len(bad) == len(found):
+        raise UserError(f"No episode under --frames {frames_uri} has a usable id ({preview(sorted(bad))}: {next(iter(bad.values()))}): "
+                        "rename the files or folders (letters, digits, space, _ . - + ( ) [ ]).")
+    return {e: v for e, v in found.items() if e not in bad}
 
 
 def list_folder_frames(folder_uri: str) -> list[storage.Entry]:

@@ -60,6 +60,7 @@ class _Job:
     skipped: list[episodes_lib.Episode] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     elsewhere: dict[str, str] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -91,11 +92,12 @@ def _prepare(config: LabelConfig) -> _Job:
     validate(config)
     model_config, classes = read_artifact_config(config.model_uri)  # UserError if not a model
     settings = settings_for(config, model_config, classes)
-    episodes = episodes_lib.list_episodes(config.frames_uri, config.episodes)
+    refused: list[str] = []  # names whose id is outside the alphabet of labels.ids: listed, never written
+    episodes = episodes_lib.list_episodes(config.frames_uri, config.episodes, refused)
     if config.fps and all(e.kind == episodes_lib.VIDEO for e in episodes):
         logger.warning("label: --fps is for frame dumps; a video's timestamps come from the video itself, so it is ignored")
     storage.check_writable(config.output_uri, "labels output")
-    return _Job(config, model_config, classes, settings, episodes, OutputLayout(config.output_uri))
+    return _Job(config, model_config, classes, settings, episodes, OutputLayout(config.output_uri), refused=refused)
 
 
 def _keep_held(job: _Job, held: set[str], leases: LeaseKeeper) -> None:
@@ -159,6 +161,7 @@ def _summary(job: _Job, progress: Progress, empty: list[str], leases: LeaseKeepe
         "episodes_held_elsewhere": sorted(job.elsewhere),
         "episodes_stale": job.stale,
         "episodes_lost_lease": sorted(leases.lost),
+        "episodes_refused": job.refused,
         "empty_episodes": empty,
         "wall_time_s": round(wall, 3),
         # From the start of the run (Ray start-up included) to the first labelled batch.

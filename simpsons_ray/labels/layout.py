@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from simpsons_ray.core import storage
 from simpsons_ray.labels import schema
+from simpsons_ray.labels.ids import check_episode_id
 
 PROGRESS_DIR = "_progress"
 TMP_DIR = "_tmp"
@@ -27,16 +28,16 @@ class OutputLayout:
     output_uri: str
 
     def episode_dir(self, episode_id: str) -> str:
-        return storage.join(self.output_uri, f"episode={episode_id}")
+        return storage.join(self.output_uri, f"episode={_checked(episode_id)}")
 
     def labels_file(self, episode_id: str) -> str:
         return storage.join(self.episode_dir(episode_id), LABELS_FILE)
 
     def errors_file(self, episode_id: str) -> str:
-        return storage.join(self.output_uri, schema.ERRORS_DIR, f"{episode_id}.parquet")
+        return storage.join(self.output_uri, schema.ERRORS_DIR, f"{_checked(episode_id)}.parquet")
 
     def marker(self, episode_id: str) -> str:
-        return storage.join(self.output_uri, PROGRESS_DIR, f"{episode_id}.json")
+        return storage.join(self.output_uri, PROGRESS_DIR, f"{_checked(episode_id)}.json")
 
     def tmp_dir(self) -> str:
         return storage.join(self.output_uri, TMP_DIR)
@@ -78,3 +79,11 @@ class OutputLayout:
         storage.delete(self.marker(episode_id))
         storage.delete(self.episode_dir(episode_id))
         storage.delete(self.errors_file(episode_id))
+
+
+def _checked(episode_id: str) -> str:
+    """The id, if it is one (labels.ids): a path is never built from anything else."""
+    why = check_episode_id(episode_id)
+    if why:
+        raise ValueError(f"{episode_id!r} is not an episode id: {why}")
+    return episode_id

@@ -10,8 +10,10 @@ episodes' worth of a few columns, never the table.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -25,6 +27,7 @@ import pyarrow.dataset as pads
 from simpsons_ray.core import storage
 from simpsons_ray.core.errors import UserError, first_line
 from simpsons_ray.labels import schema
+from simpsons_ray.labels.ids import check_episode_id, is_episode_id
 
 # Episodes read at once. pyarrow releases the GIL while it reads and decodes, and on
 # S3 the threads mostly wait on the network; peak memory grows with this number.
@@ -41,6 +44,8 @@ TIME_EPSILON_S = 1e-6
 
 
 T = TypeVar("T")
+
+log = logging.getLogger("simpsons_ray.query")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ def open_labels(labels_uri: str, allow_empty: bool = False, per_frame: bool = Fa
     except (OSError, pa.ArrowException) as exc:
         raise UserError(f"Cannot list the labels at {labels_uri}: {first_line(exc).rstrip('.')}.") from None
     fragments: dict[str, list[pads.ParquetFileFragment]] = {}
+    ignored: dict[str, str] = {}
     for fragment in dataset.get_fragments():
         episode = pads.get_partition_keys(fragment.partition_expression).get("episode")
         if episode is None:
@@ -84,7 +90,13 @@ def open_labels(labels_uri: str, allow_empty: bool = False, per_frame: bool = Fa
                 f"{labels_uri} is not a labels output: {storage.to_uri(dataset.filesystem, fragment.path)} is not inside an episode=<id> folder; "
                 "pass the folder that holds the episode=<id> folders."
             )
+        why = check_episode_id(episode)
+        if why:  # labeling never writes such a folder; read back, its id could name a path anywhere (hive decodes %2F)
+            ignored[storage.to_uri(dataset.filesystem, posixpath.dirname(fragment.path))] = why
+            continue
         fragments.setdefault(episode, []).append(fragment)
+    for folder, why in sorted(ignored.items()):
+        log.warning("query: ignored %s: its name is not an episode id (%s; see simpsons_ray.labels.ids)", folder, why)
     if not fragments and not allow_empty:
         raise UserError(
             f"No labels at {labels_uri}: it holds no episode=<id>/*.parquet files; "
@@ -275,11 +287,12 @@ def error_counts(labels_uri: str) -> pd.Series:
     except (OSError, pa.ArrowException) as exc:
         raise UserError(f"Cannot read the error rows in {errors_uri}: {first_line(exc).rstrip('.')}.") from None
     counts = pc.value_counts(episodes)
-    return pd.Series(
+    found = pd.Series(
         counts.field("counts").to_numpy(zero_copy_only=False).astype(np.int64),
         index=[e if e is not None else "" for e in counts.field("values").to_pylist()],
         dtype=np.int64,
     )
+    return found[[is_episode_id(e) for e in found.index]]  # as open_labels: only what labeling can have written
 
 
 def concat_frames(parts: list[pd.DataFrame], columns: list[str], dtypes: dict[str, str]) -> pd.DataFrame:
