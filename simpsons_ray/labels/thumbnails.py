@@ -3,11 +3,21 @@
 Files are read one by one, archives streamed once each (only until their last
 wanted member), videos opened once each and sought to every wanted time. A source
 that can't be read or decoded is None, and a sentence says why.
+
+A ``source`` comes from a Parquet row, which anyone who can write to the output
+could have written, and it is read with the reader's credentials: so it is read
+through one bounded reader. Only the kinds of source labeling writes are read (an
+image file, an image member of a .tar/.tar.gz, a ``#t=`` frame of a video); a file or
+member over MAX_SOURCE_BYTES is refused before it is read, an archive whose inflated
+stream runs past MAX_ARCHIVE_BYTES before the wanted members is given up, and
+pictures and video frames over the pixel limits are refused by their headers
+(images.MAX_PIXELS, video.MAX_FRAME_PIXELS).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -17,13 +27,20 @@ from simpsons_ray.core import storage
 from simpsons_ray.core.errors import UserError
 from simpsons_ray.media import video
 from simpsons_ray.media.archives import ARCHIVE_ERRORS, iter_tar_members
-from simpsons_ray.media.images import ImageDecodeError, decode_rgb
+from simpsons_ray.media.images import ImageDecodeError, decode_rgb, is_image_name
 from simpsons_ray.media.sources import VIDEO_SUFFIXES, split_source
 
 log = logging.getLogger(__name__)
 
 
 _FETCH_THREADS = 8  # sources are independent objects; on S3 the threads wait on the network
+
+# A frame, even an 8K PNG, is a few tens of MB (labeling refuses past 256 MiB); a thumbnail
+# needs far less, and 64 MiB bounds what one bad row can make the reader fetch.
+MAX_SOURCE_BYTES = 64 * 1024 * 1024
+# An episode's archive is a few GB of frames; past this much inflated tar the wanted member
+# is not worth the read (a .gz of zeros inflates a thousandfold).
+MAX_ARCHIVE_BYTES = 8 * 1024 * 1024 * 1024
 
 
 def thumbnail(data: "bytes | Image.Image | None", size: tuple[int, int]) -> Image.Image | None:
@@ -53,15 +70,19 @@ def fetch_sources(sources: list[str], warn: Warn | None = None) -> dict[str, "by
     files: list[str] = []
     archives: dict[str, set[str]] = {}
     videos: dict[str, set[str]] = {}
+    results: dict[str, bytes | Image.Image | None] = {}
     for source in dict.fromkeys(sources):
         container, member = split_source(source)
-        if member is None:
+        why = _not_a_source(source, container, member)
+        if why:
+            say(f"not read: {source!r} {why}")
+            results[source] = None
+        elif member is None:
             files.append(source)
         elif container.lower().endswith(VIDEO_SUFFIXES):
             videos.setdefault(container, set()).add(member)
         else:
             archives.setdefault(container, set()).add(member)
-    results: dict[str, bytes | Image.Image | None] = {}
     with ThreadPoolExecutor(max_workers=_FETCH_THREADS) as pool:
         for read in pool.map(lambda uri: _read_file(uri, say), files):
             results.update(read)
@@ -72,9 +93,33 @@ def fetch_sources(sources: list[str], warn: Warn | None = None) -> dict[str, "by
     return results
 
 
+def _not_a_source(source: str, container: str, member: str | None) -> str:
+    """'' for a source of a kind labeling writes, else why it is not read."""
+    if not isinstance(source, str) or not source:
+        return "is not a source"
+    if member is None:
+        return "" if is_image_name(container) else "is not an image file, an archive member or a video frame"
+    if container.lower().endswith(VIDEO_SUFFIXES):
+        try:
+            seconds = float(member[len("t="):])
+        except ValueError:
+            return "names no time in its video"
+        return "" if math.isfinite(seconds) and seconds >= 0 else "names no time in its video"
+    return "" if is_image_name(member) else "is not an image member of its archive"
+
+
 def _read_file(uri: str, warn: Warn) -> dict[str, bytes | None]:
     try:
-        return {uri: storage.read_bytes(uri)}
+        size = storage.info(uri).size
+        if size is not None and size > MAX_SOURCE_BYTES:
+            warn(f"not read: {uri} holds {size:,} bytes, over the {MAX_SOURCE_BYTES:,}-byte limit of a picture")
+            return {uri: None}
+        with storage.open_input_raw(uri) as f:  # the bytes as stored: nothing inflated on the way
+            data = f.read(MAX_SOURCE_BYTES + 1)  # the size a store reports may not be the bytes it sends
+        if len(data) > MAX_SOURCE_BYTES:
+            warn(f"not read: {uri} holds over {MAX_SOURCE_BYTES:,} bytes, the limit of a picture")
+            return {uri: None}
+        return {uri: data}
     except (OSError, UserError) as exc:
         warn(f"cannot read {uri}: {exc}")
         return {uri: None}
@@ -85,11 +130,15 @@ def _read_archive(archive: str, members: set[str], warn: Warn) -> dict[str, byte
     found: dict[str, bytes | None] = {f"{archive}#{m}": None for m in members}
     wanted = {(m[2:] if m.startswith("./") else m): m for m in members}
     try:
-        for tar, info in iter_tar_members(archive):
+        for tar, info in iter_tar_members(archive, MAX_ARCHIVE_BYTES):
             name = info.name[2:] if info.name.startswith("./") else info.name
             if name in wanted:
-                handle = tar.extractfile(info)
-                found[f"{archive}#{wanted.pop(name)}"] = handle.read() if handle else None
+                member = wanted.pop(name)
+                if info.size > MAX_SOURCE_BYTES:
+                    warn(f"not read: {archive}#{member} holds {info.size:,} bytes, over the {MAX_SOURCE_BYTES:,}-byte limit of a picture")
+                else:
+                    handle = tar.extractfile(info)
+                    found[f"{archive}#{member}"] = handle.read() if handle else None
                 if not wanted:
                     break
     except (OSError, UserError, *ARCHIVE_ERRORS) as exc:

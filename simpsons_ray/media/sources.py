@@ -25,9 +25,6 @@ def split_source(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".ts")
-
-
 def format_seconds(t: Fraction | float) -> str:
     """Seconds as a source fragment: up to microseconds, no trailing zeros (``12.25``, ``3``)."""
     text = f"{float(t):.6f}".rstrip("0").rstrip(".")
