@@ -320,3 +320,21 @@ def test_both_objectives_are_scored_by_the_same_figures_on_pictures_and_on_stran
     # A softmax names its top-1 on every picture; a sigmoid model only where a score reaches its threshold.
     assert false_name_rate(single, logits) == 1.0 and false_name_rate(single, logits, min_confidence=0.95) == 0.0
     assert false_name_rate(multi, logits) == 0.75 and false_name_rate(multi, logits, min_confidence=0.99) == 0.0
+
+
+def test_composed_frames_count_the_pictures_that_do_not_decode(tmp_path):
+    """evaluate --composites leaves out pictures that do not decode, and says how many (it dropped them silently)."""
+    import pandas as pd
+
+    from simpsons_ray.train.evaluation import composite_frames
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for i in range(12):
+        path = tmp_path / f"pic_{i}.png"
+        path.write_bytes(encode(class_image_and_box(i % 3, rng, 48)[0], "PNG") if i % 4 else b"not a picture")
+        rows.append({"uri": str(path), "label": ["a", "b", "c"][i % 3]})
+    skipped: list[str] = []
+    composite = composite_frames(pd.DataFrame(rows), ["a", "b", "c"], 20, 32, 0, None, skipped)
+    assert sorted(skipped) == sorted(str(tmp_path / f"pic_{i}.png") for i in (0, 4, 8))
+    assert len(composite.targets) == 20

@@ -164,11 +164,13 @@ def _print_pictures(result: dict[str, Any], skipped: list[str], as_json: bool) -
         print(json.dumps(result, separators=(",", ":")))
 
 
-def composite_frames(known, classes: list[str], count: int, image_size: int, seed: int, boxes) -> compose.Composite:
+def composite_frames(known, classes: list[str], count: int, image_size: int, seed: int, boxes,
+                     skipped: list[str] | None = None) -> compose.Composite:
     """``count`` frames of 0-3 characters composed from the pictures of ``known`` (uri, label), seeded.
 
     At most ``2 * count`` pictures are read (a seeded sample), enough for the
-    1.5 characters a frame holds on average. Pictures that do not decode are left out.
+    1.5 characters a frame holds on average. Pictures that do not decode are left
+    out, and their uris go to ``skipped``, so that the caller says how many.
     """
     rng = np.random.default_rng(seed)
     if len(known) > 2 * count:
@@ -183,7 +185,10 @@ def composite_frames(known, classes: list[str], count: int, image_size: int, see
             return None
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        pieces = [p for p in pool.map(cut, known.itertuples(index=False)) if p is not None]
+        cut_out = list(pool.map(cut, known.itertuples(index=False)))
+    if skipped is not None:
+        skipped.extend(uri for uri, piece in zip(known["uri"], cut_out) if piece is None)
+    pieces = [p for p in cut_out if p is not None]
     if not pieces:
         raise UserError("None of the pictures could be decoded: nothing to compose frames from.")
     cells = np.stack([p[0] for p in pieces])
@@ -223,18 +228,21 @@ def evaluate_composites(config: EvaluateConfig) -> dict[str, Any]:
     known, _, unknown = _known_images(config, artifact.classes)
     boxes_uri = None if config.boxes == "none" else (config.boxes or compose.default_boxes_uri(config.data_uri))
     boxes = compose.read_boxes(boxes_uri) if boxes_uri else None
+    skipped: list[str] = []
     composite = composite_frames(known[["uri", "label"]], artifact.classes, config.composites, artifact.preprocess.image_size,
-                                 config.seed, boxes)
+                                 config.seed, boxes, skipped)
     scores = composite_scores(artifact, composite, config.batch_size)
     sets = composite_sets(artifact, scores, config.min_confidence)
     result = multilabel.report(sets, composite.targets, artifact.classes)
     result |= {"model_id": artifact.model_id, "model_objective": artifact.objective, "seed": config.seed,
-               "boxes": boxes_uri or "none", "unknown_characters": unknown}
+               "boxes": boxes_uri or "none", "unknown_characters": unknown, "skipped_images": len(skipped)}
     print(multilabel.format_report(result))
     print(f"{config.composites} composed frames from {len(known)} pictures ({'boxes: ' + boxes_uri if boxes_uri else 'no boxes'}), "
           f"seed {config.seed}; {artifact.objective} model {artifact.model_id}")
     if unknown:
         print(f"not used: {len(unknown)} character(s) the model does not know: {', '.join(unknown)}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0]}")
     if config.as_json:
         print(json.dumps(result, separators=(",", ":")))
     return result
