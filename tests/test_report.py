@@ -256,3 +256,39 @@ def test_report_with_characters_in_a_browser(multi_labels, browser, tmp_path):
     assert len(browser.find_elements(By.CSS_SELECTOR, ".heatmap rect")) == 2 * len(expected)  # the grid is symmetric
     os.makedirs(ARTIFACTS, exist_ok=True)
     browser.save_screenshot(os.path.join(ARTIFACTS, "report-characters.png"))
+
+
+HOSTILE = ["<img src=x onerror=\"document.title='pwned'\">", "<!--<script>document.title='pwned'</script>", "</script><b>bold</b>",
+           "a&amp;b \"quoted\" 'single'"]
+
+
+@pytest.mark.browser
+def test_hostile_names_and_model_id_stay_inert_text_in_a_browser(browser, tmp_path):
+    """Character names and a model id made of HTML and script: shown as text, nothing runs, nothing is added."""
+    from selenium.webdriver.common.by import By
+
+    rows = multi_label_rows()
+    swap = dict(zip(CHARACTERS[:3], HOSTILE[:3]))
+    rows["characters"] = [[swap[c] for c in names] for names in rows["characters"]]
+    rows["label"] = [swap.get(c, c) if c else None for c in rows["label"]]
+    rows["top_labels"] = [[swap.get(c, c) for c in names] for names in rows["top_labels"]]
+    rows["model_id"] = HOSTILE[3] + HOSTILE[0]
+    rows["episode"] = rows["episode"].map({"s05e01": "s05e01 (x) [y]", "s05e02": "s05e02+1"})  # ids hold no markup (labels.ids)
+    root = tmp_path / "labels"
+    for episode, group in rows.groupby("episode"):
+        os.makedirs(root / f"episode={episode}")
+        table = pa.Table.from_pandas(group.drop(columns="episode"), schema=LISTED_FILE_SCHEMA, preserve_index=False)
+        pq.write_table(table, root / f"episode={episode}" / "part-0.parquet")
+    out = tmp_path / "hostile.html"
+    assert cli.main(["report", "--labels", str(root), "--output", str(out), "--thumbnails", "0"]) == 0
+    browser.get(out.as_uri())
+    for details in browser.find_elements(By.CSS_SELECTOR, "details.timeline"):
+        browser.execute_script("arguments[0].open = true", details)
+    assert "pwned" not in browser.title
+    assert browser.find_elements(By.CSS_SELECTOR, "img[src='x']") == []
+    assert not [b for b in browser.find_elements(By.TAG_NAME, "b") if b.text == "bold"]  # the name's <b> stayed text
+    text = browser.find_element(By.TAG_NAME, "body").text
+    for name in HOSTILE[:3]:
+        assert name in text, name  # shown, as the text it is
+    assert "s05e01 (x) [y]" in text
+    assert [e for e in _errors(browser) if "pwned" in e["message"] or "Uncaught" in e["message"]] == []
