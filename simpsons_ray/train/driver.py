@@ -67,10 +67,10 @@ def _check_resume(config: TrainConfig) -> None:
                 f"{config.output_uri} holds a run with different settings ({', '.join(differ)}): "
                 "rerun with the same flags to resume, or choose another --output."
             )
-        # Before any worker starts: checkpoints that all fail to load stop the run here, in one sentence.
+        # Said before any worker starts; checkpoints passed over as unreadable are named in a warning.
         stored = newest_stored_state(config.output_uri)
         print(f"resuming the run in {config.output_uri}"
-              + (f" from its checkpoint after epoch {stored.epoch}" if stored is not None else " (no checkpoint yet: from the start)"))
+              + (f" from its checkpoint after epoch {stored.epoch}" if stored is not None else ": no readable checkpoint, from the first epoch"))
     storage.write_json(record_uri, mine)
 
 

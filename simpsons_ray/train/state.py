@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from simpsons_ray.core import storage
-from simpsons_ray.core.errors import UserError, first_line, storage_failure
+from simpsons_ray.core.errors import first_line, storage_failure
 
 log = logging.getLogger("simpsons_ray.train")
 
@@ -60,11 +60,11 @@ def newest_stored_state(output_uri: str) -> TrainState | None:
     with get_checkpoint() None although the checkpoint is already in storage.
 
     A checkpoint cut short by the failure (its state file missing or truncated)
-    is passed over for the one before, with a warning that names it. When
-    checkpoints exist and none can be read, the run stops with one sentence
-    instead of starting over from nothing (UnreadableCheckpoints). Storage that
-    cannot be read is not "no checkpoint" either: it raises, and a rerun resumes
-    once the storage answers.
+    is passed over for the one before, with a warning that names it; when none
+    can be read (a kill during the first checkpoint's upload), a warning says the
+    run starts again from its first epoch, and None is returned. Storage that
+    cannot be read is not "no checkpoint": it raises, and a rerun resumes once
+    the storage answers.
     """
     root = storage.join(output_uri, CHECKPOINT_RUN_NAME)
     try:
@@ -92,16 +92,9 @@ def newest_stored_state(output_uri: str) -> TrainState | None:
             log.warning("train: resuming from %s; passed over the newer checkpoint(s) that cannot be read: %s", name, "; ".join(passed_over))
         return state
     if passed_over:
-        raise UnreadableCheckpoints(
-            f"None of the {len(passed_over)} checkpoint(s) under {root} can be read ({'; '.join(passed_over[:3])}"
-            f"{' and more' if len(passed_over) > 3 else ''}): training would start over from nothing. Move {root} away "
-            "to start over, or put a readable checkpoint back."
-        )
+        log.warning("train: none of the %d checkpoint(s) under %s can be read (%s%s): the run starts again from its first epoch",
+                    len(passed_over), root, "; ".join(passed_over[:3]), " and more" if len(passed_over) > 3 else "")
     return None
-
-
-class UnreadableCheckpoints(UserError):
-    """A run's checkpoints exist and none of them can be read."""
 
 
 def cpu_state(module: nn.Module) -> dict:
