@@ -100,9 +100,9 @@ def counts(output: str) -> tuple[dict, dict]:
     import pyarrow.dataset as pads
 
     rows, errors = {}, {}
-    if os.path.isdir(output):
-        table = pads.dataset(output, format="parquet", partitioning="hive", ignore_prefixes=["_", "."]).to_table(columns=["episode"])
-        rows = table.to_pandas()["episode"].value_counts().to_dict()
+    labels = pads.dataset(output, format="parquet", partitioning="hive", ignore_prefixes=["_", "."]) if os.path.isdir(output) else None
+    if labels is not None and labels.files:
+        rows = labels.to_table(columns=["episode"]).to_pandas()["episode"].value_counts().to_dict()
     if os.path.isdir(os.path.join(output, "_errors")):
         errors = pads.dataset(os.path.join(output, "_errors"), format="parquet").to_table().to_pandas()["episode"].value_counts().to_dict()
     return rows, errors
