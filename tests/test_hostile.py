@@ -136,7 +136,7 @@ def _check_fuzz(output: str, summary: dict, expect: dict[str, dict]) -> None:
     assert all(isinstance(e, str) and e and "\n" not in e for e in errors["error"])
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])  # S3 in the full suite
 def test_fuzzed_inputs_are_one_error_row_each_and_every_good_frame_is_labelled(ray_session, shapes_model, tmp_path, where, request):
     from imagegen import upload_tree
     from simpsons_ray.label.config import LabelConfig

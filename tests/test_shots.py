@@ -227,6 +227,7 @@ def test_queries_answer_pooled_by_default_and_per_frame_on_request(cut_runs):
     assert changes("characters") <= changes("frame_characters")
 
 
+@pytest.mark.slow  # a labelling run of its own (10 s); the full suite runs it
 def test_odd_episodes_one_frame_black_and_variable_frame_rate(ray_session, shapes_model, tmp_path):
     frames = tmp_path / "frames"
     frames.mkdir()

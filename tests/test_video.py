@@ -266,7 +266,8 @@ def test_videos_on_s3_at_every_frame(ray_session, shapes_model, videos, sampled_
     assert np.allclose(both["confidence_all"], both["confidence_2fps"], atol=1e-5)
 
 
-@pytest.mark.parametrize("sample_fps", [2.0, 4.0, None], ids=["2fps", "4fps", "all"])
+@pytest.mark.parametrize("sample_fps", [2.0, pytest.param(4.0, marks=pytest.mark.slow), pytest.param(None, marks=pytest.mark.slow)],
+                         ids=["2fps", "4fps", "all"])  # 2 frames/s in the fast tier; the other rates in the full suite
 def test_a_truncated_video_on_s3_gives_its_frames_and_an_error_row_as_on_disk(ray_session, shapes_model, s3_server, s3_bucket,
                                                                               tmp_path, sample_fps):
     """A cut .mkv among good videos: read from S3, a range that starts past the cut seeks past the end of the object.
