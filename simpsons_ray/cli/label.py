@@ -46,8 +46,8 @@ def add_label(sub: argparse._SubParsersAction) -> None:
                         "through it (`characters`); none: every frame alone. The frame's own answer is kept in "
                         "`frame_characters` either way (default %(default)s)")
     p.add_argument("--pool-window", type=positive_float, default=C.pool_window_s, metavar="SECONDS",
-                   help="with --pool shot: the seconds of a long shot pooled around each frame; a shorter shot is pooled "
-                        "whole (default %(default)s)")
+                   help="with --pool shot: the seconds pooled around each frame, centred on it and never crossing its shot "
+                        "(default %(default)s)")
     p.add_argument("--decode", choices=DECODE_CHOICES, default=C.decode,
                    help="where frames are decoded: CPU tasks with PIL, or the predictor with torchvision.io.decode_jpeg "
                         "(nvJPEG on a GPU); auto: the predictor with --gpu, else tasks (default %(default)s)")

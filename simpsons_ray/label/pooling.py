@@ -2,8 +2,8 @@
 
 Within each shot every character's score is replaced by its median over the
 frames of a window of ``window_s`` seconds centred on the frame, the window never
-crossing the shot's bounds; a shot no longer than the window takes the median of
-all its frames. A character is on screen where that pooled score reaches its
+crossing the shot's bounds (so a shot no longer than half the window pools all its
+frames for every frame). A character is on screen where that pooled score reaches its
 threshold: a majority vote of the window's frames, so a shot where one frame in
 five is wrong answers the right character throughout, while a character who walks
 in halfway through a long shot is still seen to walk in (the window is shorter
@@ -43,7 +43,7 @@ class PoolSettings:
 
 
 def windows(times: np.ndarray | None, shots: np.ndarray, settings: PoolSettings) -> tuple[np.ndarray, np.ndarray]:
-    """For each frame, the [lo, hi) rows it pools over: within its shot, ``window_s`` centred on it (all of a short shot)."""
+    """For each frame, the [lo, hi) rows it pools over: those of its shot within ``window_s / 2`` of it."""
     n = len(shots)
     first = np.searchsorted(shots, shots, side="left")
     end = np.searchsorted(shots, shots, side="right")
