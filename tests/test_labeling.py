@@ -254,7 +254,7 @@ def test_episodes_of_a_live_job_are_left_to_it_and_changed_sources_are_reported(
     """Two jobs on one output: each skips what the other holds, and cleans only the files of runs that are dead."""
     frames_dir, output = str(tmp_path / "frames"), str(tmp_path / "labels")
     make_dump(frames_dir, seed=5, per_episode=4)
-    other = LeaseKeeper(output, "job-other", settle_s=0)  # a live job, labelling S01E02 right now
+    other = LeaseKeeper(output, "job-other")  # a live job, labelling S01E02 right now
     assert other.acquire(["S01E02"])[0] == ["S01E02"]
     live_tmp = os.path.join(output, "_tmp", "job-other", "episode=S01E02.parquet")  # its file under way
     dead_tmp = os.path.join(output, "_tmp", "20260101T000000Z-dead00", "episode=S01E01.parquet")  # a killed run's
@@ -268,7 +268,7 @@ def test_episodes_of_a_live_job_are_left_to_it_and_changed_sources_are_reported(
     assert summary["episodes_held_elsewhere"] == ["S01E02"] and summary["episodes_labelled"] == 2
     assert set(read_labels(output)["episode"]) == {"S01E01", "S01E03"}
     assert os.path.exists(live_tmp) and not os.path.exists(os.path.dirname(dead_tmp))
-    assert other.still_mine("S01E02") and not os.path.exists(os.path.join(output, "_leases", "S01E01.json"))
+    assert other.renew("S01E02") and not os.path.exists(os.path.join(output, "_leases", "S01E01.json"))
 
     # The other job ends without finishing; then a frame of S01E01 is replaced and the S01E03 archive rewritten.
     other.release(["S01E02"])
@@ -285,7 +285,7 @@ def test_episodes_of_a_live_job_are_left_to_it_and_changed_sources_are_reported(
     assert json.load(open(os.path.join(output, "_progress", "S01E02.json")))["source_fingerprint"] == frames_lib.fingerprint(episode)
     df = read_labels(output)
     assert len(df) == 12 and df["source"].is_unique
-    assert not os.listdir(os.path.join(output, "_leases")) and not os.listdir(os.path.join(output, "_tmp"))
+    assert set(os.listdir(os.path.join(output, "_leases"))) == {".lock"} and not os.listdir(os.path.join(output, "_tmp"))
     # (--overwrite relabels them, as any episode: test_min_confidence_nulls_labels_and_changed_settings_need_overwrite.)
 
 

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from simpsons_ray.core import storage
+from simpsons_ray.core import storage, versioned
 from simpsons_ray.label.leases import LeaseKeeper
 from waiting import FakeClock, wait_until
 
@@ -24,7 +24,7 @@ def output(request, tmp_path):
 
 
 def test_a_live_lease_keeps_other_jobs_off_and_is_given_back(output):
-    a, b = LeaseKeeper(output, "job-a", settle_s=0), LeaseKeeper(output, "job-b", settle_s=0)
+    a, b = LeaseKeeper(output, "job-a"), LeaseKeeper(output, "job-b")
     assert a.acquire(["E1", "E2"]) == (["E1", "E2"], {})
     held, elsewhere = b.acquire(["E2", "E3"])
     assert held == ["E3"] and elsewhere == {"E2": "job-a"}
@@ -32,13 +32,13 @@ def test_a_live_lease_keeps_other_jobs_off_and_is_given_back(output):
     a.release(["E2"])
     assert b.acquire(["E2"]) == (["E2"], {})
     b.release(["E1"])  # not b's: left alone
-    assert a.still_mine("E1") and not a.still_mine("E2")
+    assert a.renew("E1") and a.holds("E1") and not a.renew("E2") and not a.holds("E2")
 
 
 def test_racing_jobs_split_the_episodes_between_them(output):
     """Jobs that start at the same moment: every episode ends up with exactly one of them."""
     episodes = [f"E{i:02d}" for i in range(24)]
-    keepers = [LeaseKeeper(output, f"job-{k}", settle_s=0) for k in range(3)]
+    keepers = [LeaseKeeper(output, f"job-{k}") for k in range(3)]
     results: dict[str, list[str]] = {}
     start = threading.Barrier(len(keepers))
 
@@ -62,21 +62,21 @@ def epoch_clock() -> FakeClock:
 
 def test_an_expired_lease_is_taken_over_and_its_holder_notices(output):
     clock = epoch_clock()
-    slow = LeaseKeeper(output, "job-slow", ttl_s=60, settle_s=0, clock=clock, sleep=clock.sleep)
+    slow = LeaseKeeper(output, "job-slow", ttl_s=60, clock=clock, monotonic=clock)
     assert slow.acquire(["E1"])[0] == ["E1"]
-    other = LeaseKeeper(output, "job-other", settle_s=2, clock=clock, sleep=clock.sleep)
+    other = LeaseKeeper(output, "job-other", clock=clock, monotonic=clock)
     clock.sleep(59)
     assert other.acquire(["E1"]) == ([], {"E1": "job-slow"})
     clock.sleep(1)  # no heartbeat: the lease expires
     assert other.acquire(["E1"]) == (["E1"], {})
-    assert not slow.still_mine("E1") and slow.lost == {"E1"}
+    assert not slow.renew("E1") and slow.lost == {"E1"}
     assert other.live_jobs() == {"job-other"}
 
 
 def test_the_heartbeat_renews_and_the_end_of_the_job_releases(output):
     clock = epoch_clock()
-    keeper = LeaseKeeper(output, "job-a", ttl_s=60, heartbeat_s=0.05, settle_s=0, clock=clock)
-    other = LeaseKeeper(output, "job-b", settle_s=0, clock=clock)
+    keeper = LeaseKeeper(output, "job-a", ttl_s=60, heartbeat_s=0.05, clock=clock)
+    other = LeaseKeeper(output, "job-b", clock=clock)
     with keeper:  # the heartbeat thread: it renews on its own
         keeper.acquire(["E1", "E2"])
         first = storage.read_json(keeper.uri("E1"))["heartbeat_unix"]
@@ -91,10 +91,10 @@ def test_the_heartbeat_renews_and_the_end_of_the_job_releases(output):
 
 def test_a_heartbeat_notices_a_lease_taken_over_and_stops_renewing_it(output):
     clock = epoch_clock()
-    slow = LeaseKeeper(output, "job-slow", ttl_s=60, settle_s=0, clock=clock)
+    slow = LeaseKeeper(output, "job-slow", ttl_s=60, clock=clock)
     slow.acquire(["E1", "E2"])
     clock.sleep(61)  # the heartbeat stalled past the TTL
-    taker = LeaseKeeper(output, "job-taker", settle_s=0, clock=clock)
+    taker = LeaseKeeper(output, "job-taker", clock=clock)
     assert taker.acquire(["E1"]) == (["E1"], {})
     slow.beat()
     assert slow.lost == {"E1"} and slow.held == {"E2"}
@@ -106,12 +106,12 @@ def test_a_dead_process_on_this_machine_holds_nothing(tmp_path):
     """A job killed outright: a rerun on the same machine takes its episodes at once, not after the TTL."""
     output = str(tmp_path / "labels")
     code = ("import sys; from simpsons_ray.label.leases import LeaseKeeper; "
-            "print(LeaseKeeper(sys.argv[1], 'job-killed', settle_s=0).acquire(['E1'])[0])")
+            "print(LeaseKeeper(sys.argv[1], 'job-killed').acquire(['E1'])[0])")
     done = subprocess.run([sys.executable, "-c", code, output], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
     assert done.stdout.strip() == "['E1']"
     lease = json.loads(open(os.path.join(output, "_leases", "E1.json")).read())
-    rerun = LeaseKeeper(output, "job-rerun", settle_s=0)
+    rerun = LeaseKeeper(output, "job-rerun")
     assert not rerun.is_live(lease)  # fresh, but its process has exited
     assert rerun.acquire(["E1"]) == (["E1"], {})
     assert rerun.is_live(storage.read_json(rerun.uri("E1")))  # ours, and we are alive
@@ -120,7 +120,7 @@ def test_a_dead_process_on_this_machine_holds_nothing(tmp_path):
 def test_exclusive_create_and_aborting_uploads_on_s3(s3_server):
     bucket = s3_server.new_bucket()
     uri = f"s3://{bucket}/out/_leases/E1.json"
-    assert storage.create_exclusive(uri, b"first") and not storage.create_exclusive(uri, b"second")
+    assert versioned.write(uri, b"first", None) and versioned.write(uri, b"second", None) is None
     assert storage.read_bytes(uri) == b"first"
     client = s3_server.client()
     for key in ("out/_tmp/run-1/episode=E1.parquet", "out/_tmp/run-10/episode=E2.parquet"):

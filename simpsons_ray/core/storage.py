@@ -169,13 +169,13 @@ def write_bytes(uri: str, data: bytes) -> None:
     """
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.replace(_local_temp_copy(path, data), path)
+        os.replace(local_temp_copy(path, data), path)
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
 
 
-def _local_temp_copy(path: str, data: bytes) -> str:
+def local_temp_copy(path: str, data: bytes) -> str:
     """``data`` on disk beside ``path`` as ``<path>.tmp-<hex>``, synced; the caller renames or links it into place."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -206,36 +206,6 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, json_bytes(obj))
 
 
-def create_exclusive(uri: str, data: bytes) -> bool:
-    """Write a whole object only if nothing is there yet; False when something is. Atomic: of two callers one wins.
-
-    Locally a hard link of a finished temp file (link fails if the name exists); on
-    S3 a conditional PUT (``If-None-Match: *``, which S3 answers 412 when the key
-    exists), through boto3, since pyarrow's filesystem has no conditional write.
-    """
-    fs, path = resolve(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = _local_temp_copy(path, data)
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-    import botocore.exceptions
-
-    bucket, key = path.split("/", 1)
-    try:
-        _boto3_s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        return True
-    except botocore.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or \
-                exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
-            return False
-        raise OSError(f"cannot write {uri}: {exc}") from exc
-
-
 def abort_uploads(uri: str, keep: Callable[[str], bool] | None = None) -> int:
     """Abort the unfinished S3 multipart uploads of a file, or of the files under a folder (billed until aborted); how many.
 
@@ -248,7 +218,7 @@ def abort_uploads(uri: str, keep: Callable[[str], bool] | None = None) -> int:
     if isinstance(fs, pafs.LocalFileSystem):
         return 0
     bucket, _, key = path.partition("/")
-    client = _boto3_s3()
+    client = s3_client()
     aborted = 0
     for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key):
         for upload in page.get("Uploads", []):
@@ -262,8 +232,8 @@ def abort_uploads(uri: str, keep: Callable[[str], bool] | None = None) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _boto3_s3():
-    """boto3's S3 client, for the two calls pyarrow lacks; it reads the same AWS environment (AWS_ENDPOINT_URL included)."""
+def s3_client():
+    """boto3's S3 client, for the calls pyarrow lacks (conditional writes, aborting uploads); it reads the same AWS environment (AWS_ENDPOINT_URL included)."""
     import boto3
     from botocore.config import Config
 

@@ -1,17 +1,47 @@
-"""The Parquet commit protocol: an episode's rows land whole, then its marker says it is done.
+"""The Parquet commit protocol: an episode's files land whole, only while its lease is this job's, then its marker.
 
 An :class:`EpisodeWriter` appends the predictor's rows for one episode to a
-temporary Parquet file under ``OUTPUT/_tmp/<run_id>/``; ``commit`` writes the
-episode's error rows, moves the labels file into ``OUTPUT/episode=<id>/`` and only
-then writes the marker. A marker therefore never names an episode without its
-rows, and a rerun removes whatever an unmarked episode left (``run.py``). The file
-that moves in is not the one the rows were appended to: that one is read back
-whole, put in time order, cut into shots and pooled first (``finish.py``).
+temporary Parquet file under ``OUTPUT/_tmp/<run_id>/``. When the episode is
+complete, the commit goes in steps (``pipeline._commit`` drives them):
+
+1. **stage** (nothing visible): the rows are read back whole, put in time order,
+   cut into shots and pooled (``finish.py``) into a second temporary file; the
+   error rows go to a third.
+2. **renew** the episode's lease, conditionally (``leases.py``): it fails if another
+   job has taken the episode over, and then the staged files are deleted and the
+   commit ends having written nothing visible. A renewal that lands gives this job
+   the episode for most of a TTL (90 of 120 s), by its own monotonic clock.
+3. **land**: before each of the three visible writes the job asks whether that time
+   is still running (``LeaseKeeper.holds``); if not, it stops. In order:
+   ``episode=<id>/part-0.parquet`` is replaced by the staged labels, or removed when
+   the episode has no labelled frame; ``_errors/<id>.parquet`` is replaced by the
+   staged errors, or removed when there are none; then the marker
+   ``_progress/<id>.json`` is written. Both files are always replaced or removed,
+   so an episode never shows one job's labels beside another job's errors.
+4. **release** the lease.
+
+What a crash (or a stall past the lease) at each point leaves:
+
+- before or during 1-2: temporary files under ``_tmp/<run>/`` only; the next run
+  removes them, and whoever holds the episode labels it.
+- during 3, after the labels or the errors moved but before the marker: the episode
+  has no marker (or the one of an earlier run, if this was a takeover; its files were
+  removed when the takeover started). A run that takes the episode up again removes
+  both files before labelling it (``run._clear_leftovers``); readers may see the
+  new labels without their marker meanwhile.
+- after 3: the episode is committed; its lease expires or the next run removes it.
+
+A job that stalls after step 2 for longer than its lease writes nothing more when it
+wakes (it asks before each write). What no check can stop is a stall *inside* one of
+the three writes, already sent, outlasting the TTL and a whole takeover: the stalled
+write can then land after the other job's. A single S3 request or local rename
+does not stall for minutes in practice; a shared local disk that does is outside
+this protocol.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +69,7 @@ class EpisodeWriter:
         self.tmp_parent = layout.tmp_run_dir(run_id)
         self.tmp_uri = storage.join(self.tmp_parent, f"episode={episode.episode_id}.parquet")
         self.finished_uri = storage.join(self.tmp_parent, f"episode={episode.episode_id}.finished.parquet")
+        self.errors_uri = storage.join(self.tmp_parent, f"episode={episode.episode_id}.errors.parquet")
         self._class_list = list(classes)
         self._classes = np.array(classes, dtype=object)
         self._thresholds = settings.character_thresholds(len(classes))
@@ -124,18 +155,20 @@ class EpisodeWriter:
         finally:
             self._writer = None
             self._pending = []
-            for uri in (self.tmp_uri, self.finished_uri):
+            for uri in (self.tmp_uri, self.finished_uri, self.errors_uri):
                 storage.abort_uploads(uri)
                 storage.delete(uri)
 
-    def commit(self, run_id: str, fingerprint: str = "") -> dict[str, Any]:
-        """Land the episode: errors, then labels, then the marker that says it is done."""
+    def stage(self) -> None:
+        """Step 1: the episode's labels and errors as temporary files, ready to move in; nothing visible yet."""
         self._flush()
         if self._writer is not None:
             self._writer.close()
             self._sink.close()
-        eid = self.episode.episode_id
+            self._writer = None
+            self._finish()
         if self.errors:
+            eid = self.episode.episode_id
             table = pa.table(
                 {
                     "episode": pa.array([eid] * len(self.errors), pa.string()),
@@ -146,10 +179,20 @@ class EpisodeWriter:
             )
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink, compression="zstd")
-            storage.write_bytes(self.layout.errors_file(eid), sink.getvalue().to_pybytes())
-        if self._writer is not None:
-            self._finish()
-            storage.move(self.finished_uri, self.layout.labels_file(eid))
+            storage.write_bytes(self.errors_uri, sink.getvalue().to_pybytes())
+
+    def land(self, run_id: str, fingerprint: str, still_held: Callable[[], bool]) -> dict[str, Any] | None:
+        """Step 3: replace or remove the labels file, then the errors file, then write the marker; each only while
+        ``still_held()``. The marker, or None when the lease ran out first (the steps not taken are left undone)."""
+        eid = self.episode.episode_id
+        steps = [
+            lambda: _replace_or_remove(self.finished_uri, self.frames > 0, self.layout.labels_file(eid)),
+            lambda: _replace_or_remove(self.errors_uri, bool(self.errors), self.layout.errors_file(eid)),
+        ]
+        for step in steps:
+            if not still_held():
+                return None
+            step()
         marker = {
             "episode": eid,
             "source": self.episode.uri,
@@ -161,8 +204,17 @@ class EpisodeWriter:
             "run_id": run_id,
             "committed_at": now_iso(),
         }
+        if not still_held():
+            return None
         storage.write_json(self.layout.marker(eid), marker)
         return marker
+
+
+def _replace_or_remove(staged_uri: str, staged: bool, target_uri: str) -> None:
+    if staged:
+        storage.move(staged_uri, target_uri)
+    else:
+        storage.delete(target_uri)
 
 
 def _lists(flat, rows: int, width: int, type_: pa.DataType) -> pa.ListArray:

@@ -129,13 +129,20 @@ class _Writers:
 
 
 def _commit(writer: EpisodeWriter, fingerprint: str, run_id: str, leases: LeaseKeeper, progress: Progress, empty: list[str]) -> None:
-    """Land a complete episode, if this job still holds its lease; else drop its rows."""
+    """Land a complete episode if this job still holds its lease, else drop its rows (the protocol: commit.py)."""
     eid = writer.episode.episode_id
-    if not leases.still_mine(eid):
+    writer.stage()
+    if not leases.renew(eid):
         writer.discard()
         logger.warning("label: episode %s: another job took its lease over; its rows from this job are dropped", eid)
         return
-    marker = writer.commit(run_id, fingerprint)
+    marker = writer.land(run_id, fingerprint, lambda: leases.holds(eid))
+    if marker is None:
+        writer.discard()
+        leases.abandon(eid)
+        logger.warning("label: episode %s: this job stalled past its lease while committing; the episode is left to the job "
+                       "that takes it over, or to the next run", eid)
+        return
     leases.release([eid])
     progress.frames += marker["frames"]
     progress.errors += marker["errors"]
