@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from simpsons_ray.labels.sampling import median_gap
+
 if TYPE_CHECKING:
     import torch
 
@@ -75,18 +77,12 @@ def _spans(times: np.ndarray | None, n: int, window_s: float) -> tuple[np.ndarra
     if times is None:
         idx = np.arange(n)
         return np.maximum(idx - 1, 0), np.minimum(idx + 1, n)
-    reach = max(window_s, _step(times)) + 1e-6
+    reach = max(window_s, median_gap(times) or 1.0) + 1e-6
     lo = np.searchsorted(times, times - reach, side="left")
     hi = np.searchsorted(times, times + reach - 2 * 1e-6, side="right")
     # At least one frame on each side, however sparse or irregular the sampling.
     idx = np.arange(n)
     return np.maximum(np.minimum(lo, idx - 1), 0), np.maximum(hi, idx + 1)
-
-
-def _step(times: np.ndarray) -> float:
-    gaps = np.diff(times)
-    gaps = gaps[gaps > 0]
-    return float(np.median(gaps)) if len(gaps) else 1.0
 
 
 def change(signatures: np.ndarray, times: np.ndarray | None, window_s: float) -> np.ndarray:

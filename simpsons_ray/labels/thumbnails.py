@@ -17,7 +17,6 @@ pictures and video frames over the pixel limits are refused by their headers
 from __future__ import annotations
 
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -28,7 +27,7 @@ from simpsons_ray.core.errors import UserError
 from simpsons_ray.media import video
 from simpsons_ray.media.archives import ARCHIVE_ERRORS, iter_tar_members
 from simpsons_ray.media.images import ImageDecodeError, decode_rgb, is_image_name
-from simpsons_ray.media.sources import VIDEO_SUFFIXES, split_source
+from simpsons_ray.media.sources import VIDEO_SUFFIXES, frame_seconds, split_source
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +99,7 @@ def _not_a_source(source: str, container: str, member: str | None) -> str:
     if member is None:
         return "" if is_image_name(container) else "is not an image file, an archive member or a video frame"
     if container.lower().endswith(VIDEO_SUFFIXES):
-        try:
-            seconds = float(member[len("t="):])
-        except ValueError:
-            return "names no time in its video"
-        return "" if math.isfinite(seconds) and seconds >= 0 else "names no time in its video"
+        return "" if frame_seconds(member) is not None else "names no time in its video"
     return "" if is_image_name(member) else "is not an image member of its archive"
 
 
@@ -150,10 +145,10 @@ def _read_archive(archive: str, members: set[str], warn: Warn) -> dict[str, byte
 
 def _read_video(uri: str, members: set[str], warn: Warn) -> dict[str, Image.Image | None]:
     """The frames of one video at the wanted times (``t=<seconds>`` members), the video opened once."""
-    times = {m: float(m[len("t="):]) for m in members}
+    times = {m: frame_seconds(m) for m in members}
     try:
-        pictures = video.read_frames_at(uri, sorted(set(times.values())))
+        pictures = video.read_frames_at(uri, sorted({t for t in times.values() if t is not None}))
     except (OSError, UserError, video.VideoError) as exc:
         warn(f"cannot read {uri}: {exc}")
         pictures = {}
-    return {f"{uri}#{m}": pictures.get(t) for m, t in times.items()}
+    return {f"{uri}#{m}": pictures.get(t) if t is not None else None for m, t in times.items()}

@@ -6,6 +6,7 @@ A file URI, ``<archive URI>#<member>`` for a member of a tar or tar.gz archive, 
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".ts")
@@ -23,6 +24,17 @@ def split_source(source: str) -> tuple[str, str | None]:
             return source[:position], source[position + 1:]
         position = source.find("#", position + 1)
     return source, None
+
+
+def frame_seconds(member: str) -> float | None:
+    """The seconds a video source's ``t=<seconds>`` part names, or None when it names no time (finite, >= 0)."""
+    if not member.startswith("t="):
+        return None
+    try:
+        seconds = float(member[len("t="):])
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def format_seconds(t: Fraction | float) -> str:

@@ -28,6 +28,7 @@ from simpsons_ray.core import storage
 from simpsons_ray.core.errors import UserError, first_line
 from simpsons_ray.labels import schema
 from simpsons_ray.labels.ids import check_episode_id, is_episode_id
+from simpsons_ray.labels.sampling import median_gap
 
 # Episodes read at once. pyarrow releases the GIL while it reads and decodes, and on
 # S3 the threads mostly wait on the network; peak memory grows with this number.
@@ -225,17 +226,12 @@ def labelled_filter(min_confidence: float, character: str | None = None) -> pc.E
 
 def sampling_interval(timestamps: pa.ChunkedArray) -> float | None:
     """Median gap between consecutive distinct timestamps; None without two of them."""
-    values = pc.drop_null(timestamps).to_numpy().astype(np.float64)
-    values = np.unique(values[~np.isnan(values)])
-    if len(values) < 2:
-        return None
-    return float(np.median(np.diff(values)))
+    return median_gap(pc.drop_null(timestamps).to_numpy())
 
 
 def frame_step(frames: np.ndarray) -> float:
     """Median gap between consecutive distinct frame numbers (1 for a full dump)."""
-    values = np.unique(frames)
-    return float(np.median(np.diff(values))) if len(values) >= 2 else 1.0
+    return median_gap(frames) or 1.0
 
 
 def suggestions(name: str, known: Iterable[str]) -> str:
