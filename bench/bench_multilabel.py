@@ -65,7 +65,7 @@ ARMS = {
 
 def held_out(config: TrainConfig) -> dict[str, dict[str, pd.DataFrame]]:
     """The validation and test pictures of the run's split: of the trained characters, and of the rarer ones."""
-    images = datasets.list_labelled_images(config.data_uri)
+    images = datasets.list_labelled_images(config.data_uris[0])
     known, rare = datasets.filter_classes(images, config.min_images_per_class)
     everyone = datasets.cap_per_class(images, config.max_images_per_class, config.seed)
     split = datasets.stratified_split(everyone, config.val_fraction, config.seed, config.test_fraction, frozenset(rare))
@@ -136,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     root = os.path.abspath(args.root)
     work = args.work or tempfile.mkdtemp(prefix="bench-multilabel-")
-    base = dict(data_uri=os.path.join(root, "train"), boxes=os.path.join(root, compose.ANNOTATION_FILE), arch="resnet18",
+    base = dict(data_uris=(os.path.join(root, "train"),), boxes=os.path.join(root, compose.ANNOTATION_FILE), arch="resnet18",
                 weights="none", image_size=args.image_size, finetune_epochs=args.epochs, patience=args.epochs,
                 min_images_per_class=200, max_images_per_class=300, num_workers=2)
     if args.quick:

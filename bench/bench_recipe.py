@@ -51,7 +51,7 @@ DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "da
 
 def load_split(config: TrainConfig) -> tuple[datasets.Split, dict[str, np.ndarray]]:
     """The very split `train` draws for ``config``, decoded into uint8 arrays."""
-    images = datasets.list_labelled_images(config.data_uri)
+    images = datasets.list_labelled_images(config.data_uris[0])
     images, _ = datasets.filter_classes(images, config.min_images_per_class)
     images = datasets.cap_per_class(images, config.max_images_per_class, config.seed)
     split = datasets.stratified_split(images, config.val_fraction, config.seed, config.test_fraction)
@@ -163,7 +163,7 @@ def main() -> None:
         for seed in args.seeds:
             def config(recipe: str, name: str, **knobs) -> TrainConfig:
                 return TrainConfig.for_recipe(
-                    recipe, data_uri=args.data, output_uri=os.path.join(out, f"{name}-{seed}"), arch=args.arch,
+                    recipe, data_uris=(args.data,), output_uri=os.path.join(out, f"{name}-{seed}"), arch=args.arch,
                     weights="none", image_size=args.image_size, num_workers=args.num_workers, batch_size=args.batch_size,
                     finetune_epochs=args.epochs, min_images_per_class=args.min_images_per_class,
                     max_images_per_class=args.max_images_per_class, seed=seed, **knobs,

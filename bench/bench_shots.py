@@ -70,7 +70,8 @@ def train_config(model_dir: str) -> TrainConfig:
     with open(os.path.join(model_dir, "config.json")) as f:
         training = json.load(f)["training"]
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig.from_dict({k: v for k, v in training.items() if k in fields})  # "phases" is derived, not a setting
+    # "phases" is derived, not a setting; "data_uri" is an older artifact's one root (from_dict reads it as data_uris).
+    return TrainConfig.from_dict({k: v for k, v in training.items() if k in fields or k == "data_uri"})
 
 
 def model_classes(model_dir: str) -> list[str]:
@@ -88,7 +89,7 @@ def build_episodes(model_dir: str, split: str, count: int, seconds: float, seed:
         config = train_config(model_dir)
         known = held_out(config)[split]["known"]
         pictures = known[known["label"].isin(model_classes(model_dir))]
-        boxes = compose.read_boxes(config.boxes or compose.default_boxes_uri(config.data_uri))
+        boxes = compose.read_boxes(config.boxes or compose.default_boxes_uri(config.data_uris[0]))
         for path in missing:
             print(f"filming {os.path.basename(path)} from {len(pictures)} {split} pictures", flush=True)
             et.make_episode(pictures, boxes, seconds, seed + paths.index(path), path)

@@ -58,7 +58,7 @@ DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "da
 def plain_loop(config: TrainConfig, epochs: int, threads: int, repeat: int = 0) -> dict:
     """Single process, no Ray: decode everything, then epochs of augment + train_one_epoch."""
     torch.set_num_threads(threads)
-    images = datasets.cap_per_class(datasets.list_labelled_images(config.data_uri), config.max_images_per_class, config.seed)
+    images = datasets.cap_per_class(datasets.list_labelled_images(config.data_uris[0]), config.max_images_per_class, config.seed)
     split = datasets.stratified_split(images, config.val_fraction, config.seed)
     with ThreadPoolExecutor(8) as pool:
         decode = lambda uri: load_resized(storage.read_bytes(uri), config.image_size)  # noqa: E731
@@ -145,7 +145,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         for repeat in range(args.repeats):
             config = TrainConfig.for_recipe(
-                args.recipe, data_uri=args.data, output_uri=os.path.join(out, f"model{repeat}"), arch=args.arch, weights="none",
+                args.recipe, data_uris=(args.data,), output_uri=os.path.join(out, f"model{repeat}"), arch=args.arch, weights="none",
                 image_size=args.image_size, num_workers=args.num_workers, batch_size=args.batch_size,
                 finetune_epochs=args.epochs, patience=args.epochs,  # no early stop: both run every epoch
                 lr_schedule=args.lr_schedule, lr_patience=args.lr_patience or args.epochs, val_fraction=0.2, seed=0,

@@ -46,7 +46,7 @@ def test_notebook_recipe_is_the_old_optimizer_and_schedule():
 
 
 def test_default_recipe_and_single_knob_overrides():
-    assert _parse_train() == TrainConfig.for_recipe("default", data_uri="d", output_uri="o") == TrainConfig(data_uri="d", output_uri="o")
+    assert _parse_train() == TrainConfig.for_recipe("default", data_uris=("d",), output_uri="o") == TrainConfig(data_uris=("d",), output_uri="o")
     config = _parse_train("--recipe", "notebook", "--ema-decay", "0.9", "--augment", "randaugment", "--tta-flip")
     assert (config.recipe, config.optimizer, config.ema_decay, config.tta_flip) == ("notebook", "adam", 0.9, True)
     assert config.augment.policy == "randaugment"

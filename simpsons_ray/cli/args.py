@@ -74,7 +74,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type, groups: dict
     """One flag per field of a config dataclass that has a help, from its metadata (see ``train.config.setting``).
 
     A field's default shows in its help. Fields marked ``recipe`` go into the
-    ``recipe`` group and default to None ("not given"), so the recipe decides them.
+    ``recipe`` group and default to None ("not given"), so the recipe decides them;
+    so do fields marked ``parent``, so that a model the run starts from decides them.
+    A ``uris`` field's flag is repeated, once per value.
     """
     for f in dataclasses.fields(config):
         meta = f.metadata
@@ -87,6 +89,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type, groups: dict
         options: dict[str, Any] = {"dest": f.name, "help": meta["help"] + shown}
         if kind == "switch":
             options["action"] = "store_true"
+        elif kind == "uris":
+            options["action"] = "append"
+            options["metavar"] = meta.get("metavar")
         elif kind == "on_off":
             options["action"] = argparse.BooleanOptionalAction
         else:
@@ -97,7 +102,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type, groups: dict
                 options["metavar"] = meta["metavar"]
         if meta.get("required"):
             options["required"] = True
-        elif meta.get("recipe") or kind == "on_off":
+        elif meta.get("recipe") or meta.get("parent") or kind == "on_off":
             options["default"] = None
         elif kind != "switch":
             options["default"] = f.default

@@ -90,7 +90,7 @@ def run_demo(config: DemoConfig) -> None:
     if not os.path.isdir(train_dir):
         write_class_folders(train_dir, list(config.characters), config.images_per_character, seed=0, size=48, boxes=True)
     print(f"== 2/4 training resnet18 on {config.num_workers} Ray workers -> {model_dir}")
-    train(TrainConfig(data_uri=train_dir, output_uri=model_dir, arch="resnet18", weights="none", image_size=32,
+    train(TrainConfig(data_uris=(train_dir,), output_uri=model_dir, arch="resnet18", weights="none", image_size=32,
                       num_workers=config.num_workers, batch_size=16, finetune_epochs=config.epochs, val_fraction=0.25))
     print(f"== 3/4 labeling a frame dump (a folder, a tar, a tar.gz) -> {labels_dir}")
     if not os.path.isdir(frames_dir):

@@ -3,7 +3,8 @@
 A model artifact is a directory (local or ``s3://``)::
 
     model.pt                 state dict (loaded with weights_only=True: no code runs)
-    config.json              arch, head sizes, preprocessing, how to run it (temperature, thresholds), training flags
+    config.json              arch, head sizes, preprocessing, how to run it (temperature, thresholds), training flags,
+                             lineage (the models it was trained from, newest first)
     classes.json             class names in output order
     metrics.json, per_character.csv or confusion_matrix.csv/png, curves.png, reliability.png   (written by training)
 """
@@ -57,11 +58,13 @@ def save_artifact(
     dropout: float = 0.5,
     training: dict[str, Any] | None = None,
     inference: dict[str, Any] | None = None,
+    lineage: list[dict[str, Any]] | None = None,
 ) -> str:
     """Write weights, config.json and classes.json; returns the model id.
 
     ``inference`` holds how the model is run: ``temperature`` (logits are divided by
     it before the softmax) and ``tta_flip`` (average over the mirror image).
+    ``lineage`` is :attr:`Artifact.lineage`.
     """
     weights = model if isinstance(model, bytes) else state_dict_bytes(model)
     model_id = weights_id(weights, arch)
@@ -77,6 +80,7 @@ def save_artifact(
         "tta_flip": False,
         **(inference or {}),
         "training": training or {},
+        "lineage": lineage or [],
     }
     storage.write_bytes(storage.join(model_dir, WEIGHTS_FILE), weights)
     storage.write_json(storage.join(model_dir, CLASSES_FILE), list(classes))
@@ -118,10 +122,20 @@ class Artifact:
         values = self.config.get("thresholds")
         return [float(v) for v in values] if values is not None else None
 
+    @property
+    def lineage(self) -> list[dict[str, Any]]:
+        """The models this one was trained from (``train --init-from``), its parent first, then the parent's own.
 
-def read_artifact_config(model_dir: str) -> tuple[dict[str, Any], list[str]]:
-    """config.json and classes.json, with one clear error if ``model_dir`` isn't an artifact."""
-    hint = "point --model at the --output directory of `simpsons-ray train`"
+        Each: ``model_id`` and ``model_uri`` of that model, the ``classes_added`` to its
+        head, and its ``classes_without_data`` (kept in the head, with no picture in that
+        run's data). Empty for a model trained from ImageNet or from scratch.
+        """
+        return list(self.config.get("lineage", []))
+
+
+def read_artifact_config(model_dir: str, flag: str = "--model") -> tuple[dict[str, Any], list[str]]:
+    """config.json and classes.json, with one clear error if ``model_dir`` isn't an artifact (``flag``: the flag that named it)."""
+    hint = f"point {flag} at the --output directory of `simpsons-ray train`"
     if not storage.exists(model_dir):
         raise UserError(f"Model directory {model_dir} does not exist: {hint}.")
     missing = [f for f in (CONFIG_FILE, CLASSES_FILE, WEIGHTS_FILE) if not storage.is_file(storage.join(model_dir, f))]

@@ -10,7 +10,8 @@ together here:
   box (the strip left, right, above or below it), resized to the frame: a real frame
   of the show with that picture's character cut away, so "nobody" frames are real
   backgrounds. Other characters may still stand in such a strip (the box marks only
-  one); that noise is the data's.
+  one); that noise is the data's. A reviewed frame of nobody (``ROOT/_nobody/``) is
+  a background whole, and never a cell.
 
 A frame draws how many characters it holds (``COUNT_WEIGHTS``), takes that many
 cells of different characters, scales each to a random height with its aspect
@@ -200,11 +201,12 @@ def compose(
     a frame never holds two cells of one class. A frame with nobody is a background
     alone. Without backgrounds, flat colours stand in. Cells labelled :data:`STRANGER`
     are characters the model does not name: they stand in frames, never in targets.
+    With no cells (an empty ``[0, S, S, 3]`` array) every frame shows nobody.
     """
     cells, labels = np.asarray(cells), np.asarray(labels, dtype=np.int64)
-    n, size = len(cells), int(cells.shape[1]) if len(cells) else 0
+    n, size = len(cells), int(cells.shape[1]) if cells.ndim == 4 else 0
     count = n if count is None else count
-    if n == 0 and count:
+    if size == 0 and count:
         raise ValueError("no cells to compose frames from")
     images = np.empty((count, size, size, 3), dtype=np.uint8)
     targets = np.zeros((count, num_classes), dtype=np.float32)

@@ -40,7 +40,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, cells: bool = Fa
     character cut to its ``box`` (the whole picture without one), with its
     ``aspect`` ratio, and ``background`` the part of the picture outside the box
     (``has_background``): what :mod:`simpsons_ray.train.mixing` makes frames of.
-    A stranger's picture (label -1) is decoded the same way.
+    A stranger's picture (label -1) is decoded the same way; a frame of nobody
+    (``nobody``, label -1 too) is also a background, whole.
     """
     n = len(batch["uri"])
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
@@ -59,6 +60,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, cells: bool = Fa
                 picture = decode_rgb(data)
                 wholes[i] = resize(picture, image_size)
                 images[i], aspects[i], background = compose.cut(picture, batch["box"][i], image_size)
+                if "nobody" in batch and batch["nobody"][i]:
+                    background = wholes[i]
                 if background is not None:
                     backgrounds[i], has_background[i] = background, True
             else:
@@ -70,6 +73,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, cells: bool = Fa
            "error": np.array(errors, dtype=object), "storage_error": np.array(storage_errors, dtype=object)}
     if cells:
         out |= {"whole": wholes, "aspect": aspects, "background": backgrounds, "has_background": has_background}
+        if "nobody" in batch:
+            out["nobody"] = np.asarray(batch["nobody"], dtype=bool)
     return out
 
 
@@ -123,7 +128,7 @@ def decoded_dataset(table: pd.DataFrame, image_size: int, seed: int, cells: bool
 
     # Shuffle the file list once (seeded) so that blocks mix characters; the
     # listing is sorted by folder, i.e. by class.
-    columns = ["uri", "label_index"] + (["box"] if cells else [])
+    columns = ["uri", "label_index"] + ([c for c in ("box", "nobody") if c in table] if cells else [])
     table = table.sample(frac=1.0, random_state=seed).reset_index(drop=True)[columns]
     records = table.to_dict("records")
     if cells:

@@ -12,7 +12,9 @@ Run it (the same flags everywhere; see the README for the full list)::
 Phase 1 trains the head on a frozen backbone (``--frozen-epochs`` at ``--lr``);
 phase 2 also trains the ``--unfreeze`` stages (``--finetune-epochs`` at
 ``--finetune-lr``). With ``--weights none`` there is nothing to keep frozen: phase 1
-is skipped and phase 2 trains the whole network at ``--lr``.
+is skipped and phase 2 trains the whole network at ``--lr``. With ``--init-from MODEL``
+the run starts from that model (:mod:`simpsons_ray.train.parent`), and phase 1 runs
+only when the data adds characters to its head.
 
 This module is the driver: it checks the inputs, splits and decodes the data once on
 Ray Data, runs the workers (:mod:`simpsons_ray.train.worker`) under Ray Train's
@@ -26,37 +28,42 @@ import re
 import time
 from typing import Any
 
-import numpy as np
-
 from simpsons_ray.core import cluster, console, storage
 from simpsons_ray.core.errors import UserError
 from simpsons_ray.model.network import build_model, set_trainable
-from simpsons_ray.train import compose, datasets
-from simpsons_ray.train.config import TrainConfig, check_choices, plan_phases, recorded_config
+from simpsons_ray.train.config import Phase, TrainConfig, check_choices, plan_phases, recorded_config
 from simpsons_ray.train.data import decode_or_stop
 from simpsons_ray.train.mixing import validation_frames
-from simpsons_ray.train.results import write_artifact
+from simpsons_ray.train.parent import Parent, check_fits, lineage, read_parent
+from simpsons_ray.train.results import RunPlan, write_artifact
 from simpsons_ray.train.state import CHECKPOINT_RUN_NAME, STATE_FILE, TrainState, newest_stored_state
+from simpsons_ray.train.training_set import TrainingSet, build_training_set
 from simpsons_ray.train.worker import train_loop_per_worker
 
 
-def _check_inputs(config: TrainConfig) -> None:
-    if config.weights not in ("none", "imagenet") and not storage.exists(config.weights):
+def _check_inputs(config: TrainConfig) -> Parent | None:
+    """One sentence for a setting that cannot work, before any data is listed; the --init-from model, if any."""
+    parent = read_parent(config.init_from) if config.init_from else None
+    if parent is not None:
+        check_fits(config, parent)
+    elif config.weights not in ("none", "imagenet") and not storage.exists(config.weights):
         raise UserError(f"--weights {config.weights} does not exist: give a state dict path or URI, 'imagenet' or 'none'.")
     check_choices(config)
     if config.objective == "multilabel" and (config.mixup_alpha > 0 or config.cutmix_alpha > 0):
         raise UserError("--mixup-alpha and --cutmix-alpha mix softmax targets: use them with --objective single.")
-    if not plan_phases(config):
+    if not plan_phases(config, added_classes=True):  # the most phases a run can have: whether it adds characters is the data's
         raise UserError("Nothing to train: --frozen-epochs and --finetune-epochs are both 0.")
     # An unknown --arch or --unfreeze stage -> one sentence now, not on the workers.
     set_trainable(build_model(config.arch, 2), config.unfreeze)
     storage.check_writable(config.output_uri, "model artifact")
+    return parent
 
 
-def _check_resume(config: TrainConfig) -> None:
-    """Refuse to resume a run made with different settings into the same output."""
+def _check_resume(config: TrainConfig, parent: Parent | None) -> None:
+    """Refuse to resume a run made with different settings, or from another --init-from model, into the same output."""
     record_uri = storage.join(config.output_uri, CHECKPOINT_RUN_NAME, "run.json")
-    mine = config.to_dict()
+    # The model's id too: checkpoints grown from one model must not resume under a lineage that names another.
+    mine = config.to_dict() | ({"init_from_model_id": parent.model_id} if parent is not None else {})
     if storage.exists(record_uri):
         theirs = recorded_config(storage.read_json(record_uri))
         differ = sorted(
@@ -90,56 +97,25 @@ def _cpus_per_worker(config: TrainConfig) -> float:
     return max(0.25, min(node - 1, (total - 1) / config.num_workers))
 
 
-def _split(config: TrainConfig) -> tuple[datasets.Split, dict[str, int]]:
-    """List, filter, cap and split the labelled images; returns the split and the characters left out (or trained as strangers)."""
-    everyone = datasets.list_labelled_images(config.data_uri)
-    images, dropped = datasets.filter_classes(everyone, config.min_images_per_class)
-    strangers = frozenset(dropped) if config.objective == "multilabel" and config.strangers else frozenset()
-    if strangers:
-        images = everyone
-        print(f"{len(dropped)} character(s) with fewer than {config.min_images_per_class} images train as strangers, whom the "
-              "model names as nobody: " + ", ".join(f"{k} ({v})" for k, v in dropped.items()))
-    elif dropped:
-        print(f"dropped {len(dropped)} character(s) with fewer than {config.min_images_per_class} images: "
-              + ", ".join(f"{k} ({v})" for k, v in dropped.items()))
-    images = datasets.cap_per_class(images, config.max_images_per_class, config.seed)
-    if config.objective == "multilabel":
-        images = _with_boxes(config, images)
-    split = datasets.stratified_split(images, config.val_fraction, config.seed, config.test_fraction, strangers)
-    if len(split.classes) < 2:
-        raise UserError(f"Only one character ({split.classes[0]}) under {config.data_uri}: training needs at least two.")
-    print(f"{len(split.train)} training, {len(split.val)} validation and {len(split.test)} test images "
-          f"of {len(split.classes)} characters" + (f" and {len(strangers)} strangers" if strangers else ""))
-    return split, dropped
-
-
-def _with_boxes(config: TrainConfig, images):
-    images = compose.attach_boxes(images, _boxes(config))
-    boxed = int(np.isfinite(np.stack(images["box"].to_numpy())[:, 0]).sum())
-    if boxed:
-        print(f"{boxed} of {len(images)} pictures have a box: their characters are cut to it, and the rest of the "
-              "picture is a background for composed frames")
-    else:
-        print("no boxes for these pictures (annotation.csv): whole pictures are pasted into composed frames, and frames "
-              "with nobody are flat colours, unlike the show's; give --boxes for real backgrounds")
-    return images
-
-
-def _boxes(config: TrainConfig):
-    """The training pictures' boxes: --boxes, else an annotation.csv beside --data; None without."""
-    if config.boxes == "none":
-        return None
-    uri = config.boxes or compose.default_boxes_uri(config.data_uri)
-    return compose.read_boxes(uri) if uri else None
-
-
 def _held_out(config: TrainConfig, table, what: str, num_classes: int, seed: int) -> tuple[Any, list[dict[str, str]]]:
     """A validation or test split, decoded; a multi-label model's as its pictures and frames composed of them, fixed by the seed."""
-    decoded, skipped = decode_or_stop(table, config.image_size, config.seed, what, config.data_uri, config.objective == "multilabel")
+    decoded, skipped = decode_or_stop(table, config.image_size, config.seed, what, _roots(config), config.objective == "multilabel")
     if config.objective == "multilabel":
         decoded = decoded.map_batches(validation_frames, fn_kwargs={"num_classes": num_classes, "seed": seed},
                                       batch_size=64).materialize()
     return decoded, skipped
+
+
+def _roots(config: TrainConfig) -> str:
+    return ", ".join(config.data_uris)
+
+
+def _phases(config: TrainConfig, training: TrainingSet) -> list[Phase]:
+    phases = plan_phases(config, added_classes=bool(training.added))
+    if not phases:
+        raise UserError("Nothing to train: --finetune-epochs is 0, and an --init-from run trains --frozen-epochs only "
+                        "when it adds characters.")
+    return phases
 
 
 def _epoch_of(line: str) -> int | None:
@@ -154,26 +130,28 @@ def train(config: TrainConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    _check_inputs(config)
-    split, dropped = _split(config)
-    _check_resume(config)  # before Ray starts: a refused resume should not wait for a cluster
+    parent = _check_inputs(config)
+    training = build_training_set(config, parent.classes if parent is not None else ())
+    split, phases = training.split, _phases(config, training)
+    _check_resume(config, parent)  # before Ray starts: a refused resume should not wait for a cluster
     if not ray.is_initialized():
         console.init_ray()
     multi = config.objective == "multilabel"
-    train_ds, skipped_train = decode_or_stop(split.train, config.image_size, config.seed, "training", config.data_uri, multi)
+    train_ds, skipped_train = decode_or_stop(split.train, config.image_size, config.seed, "training", _roots(config), multi)
     val_ds, skipped_val = _held_out(config, split.val, "validation", len(split.classes), config.seed)
     train_images = train_ds.count()
     if train_images == 0:
-        raise UserError(f"None of the training images under {config.data_uri} could be decoded.")
+        raise UserError(f"None of the training images under {_roots(config)} could be decoded.")
     epoch_train_ds = train_ds.randomize_block_order()  # augmented by AugmentingCollate on the workers
 
     cpus = _cpus_per_worker(config)
     fs, path = storage.resolve(config.output_uri)
-    shown = console.WorkerLines("train", "epochs", sum(p.epochs for p in plan_phases(config)), progress=_epoch_of)
+    shown = console.WorkerLines("train", "epochs", sum(p.epochs for p in phases), progress=_epoch_of)
+    start_from = {"uri": parent.uri, "model_id": parent.model_id} if parent is not None else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "classes": split.classes, "threads": max(1, int(cpus)),
-                           "train_images": train_images, "progress": shown.queue},
+                           "train_images": train_images, "progress": shown.queue, "phases": phases, "parent": start_from},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.use_gpu else {})}
         ),
@@ -198,4 +176,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
             state = TrainState.from_bytes(f.read())
     # Decoded only now, once the model is final.
     test_ds, skipped_test = _held_out(config, split.test, "test", len(split.classes), config.seed + 1) if len(split.test) else (None, [])
-    return write_artifact(config, split.classes, state, val_ds, test_ds, skipped_train + skipped_val + skipped_test, dropped, wall)
+    plan = RunPlan(split.classes, phases, training.dropped,
+                lineage(parent, training.added, training.without_data) if parent is not None else [])
+    return write_artifact(config, plan, state, val_ds, test_ds, skipped_train + skipped_val + skipped_test, wall)

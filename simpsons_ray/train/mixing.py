@@ -19,6 +19,10 @@ becomes N frames, each one of three kinds (:class:`Mix` sets the shares):
   character's loss has full weight. Strangers' cuts stand in these frames too,
   never as targets.
 
+Reviewed frames of nobody (``ROOT/_nobody/``, ``nobody`` in the batch) are labelled
+:data:`STRANGER` too: as they are, every character is absent at full weight. They are
+backgrounds of composed frames, whole, and never pasted into one as a cut-out.
+
 Every frame carries its multi-hot ``target``, a per-character loss ``weight`` and a
 ``ce_label`` (the named character of a whole picture, else -1). NumPy and PIL only,
 run in the training workers' data iterator (``train.data.AugmentingCollate``).
@@ -108,7 +112,9 @@ def training_frames(batch: dict[str, np.ndarray], num_classes: int, rng: np.rand
     composed = np.flatnonzero(kinds == COMPOSED)
     if len(composed):
         backgrounds = np.asarray(batch["background"])[np.asarray(batch["has_background"], dtype=bool)]
-        made = compose.compose(batch["image"], batch["aspect"], labels, backgrounds, num_classes, rng, len(composed))
+        cells = ~np.asarray(batch.get("nobody", np.zeros(n, dtype=bool)), dtype=bool)  # a frame of nobody has no one to cut out
+        made = compose.compose(np.asarray(batch["image"])[cells], np.asarray(batch["aspect"])[cells], labels[cells], backgrounds,
+                               num_classes, rng, len(composed))
         frames.images[composed], frames.targets[composed] = made.images, made.targets
     return frames
 

@@ -10,6 +10,7 @@ numbers are the ones to quote). Both land in ``metrics.json`` under their own ke
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from simpsons_ray.model import calibration, metrics, multilabel
 from simpsons_ray.model.artifact import save_artifact
 from simpsons_ray.model.network import build_model
 from simpsons_ray.train import pictures
-from simpsons_ray.train.config import plan_phases
+from simpsons_ray.train.config import Phase
 from simpsons_ray.train.scores import format_headline, multilabel_results, ray_batches, score
 from simpsons_ray.train.state import TrainState
 from simpsons_ray.train.steps import predict
@@ -30,8 +31,19 @@ from simpsons_ray.train.steps import predict
 SELECTED_BY = {"multilabel": "validation macro-F1 of the characters named", "single": "validation top-1 accuracy"}
 
 
-def write_artifact(config, classes, state: TrainState, val_ds, test_ds, skipped, dropped, wall_s: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunPlan:
+    """What the driver decided before training, that the artifact records."""
+
+    classes: list[str]  # in the head's order
+    phases: list[Phase]
+    dropped: dict[str, int]  # characters left out, or trained as strangers, for being rare
+    lineage: list[dict[str, Any]] = field(default_factory=list)  # Artifact.lineage: empty without --init-from
+
+
+def write_artifact(config, plan: RunPlan, state: TrainState, val_ds, test_ds, skipped, wall_s: float) -> dict[str, Any]:
     """Score the kept weights on validation and test, fit the temperature (and thresholds) on validation, write the artifact."""
+    classes = plan.classes
     model = build_model(config.arch, len(classes), config.head_hidden, config.dropout)
     kept = state.best_model if state.best_model is not None else state.model
     assert kept is not None, "a finished run has weights"
@@ -47,10 +59,10 @@ def write_artifact(config, classes, state: TrainState, val_ds, test_ds, skipped,
         temperature = calibration.fit_temperature(scored["validation"]["logits"], scored["validation"]["label"])
         results = {name: score(s["logits"], s["label"], classes, temperature) for name, s in scored.items()}
     inference |= {"temperature": temperature, "selected_by": SELECTED_BY[config.objective]}
-    training_flags = config.to_dict() | {"phases": [dataclasses.asdict(p) for p in plan_phases(config)]}
+    training_flags = config.to_dict() | {"phases": [dataclasses.asdict(p) for p in plan.phases]}
     model_id = save_artifact(config.output_uri, model, config.arch, classes, config.preprocess, config.head_hidden, config.dropout,
-                             training_flags, inference)
-    summary = _summary(model_id, state, results, wall_s, skipped, dropped)
+                             training_flags, inference, plan.lineage)
+    summary = _summary(model_id, state, results, wall_s, skipped, plan.dropped)
     storage.write_json(storage.join(config.output_uri, "metrics.json"), summary)
     _show(config, classes, state, scored, temperature, results)
     print(f"model {model_id} (best epoch {state.best_epoch + 1}, by {SELECTED_BY[config.objective]}) written to {config.output_uri}")

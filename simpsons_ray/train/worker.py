@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,8 +19,9 @@ import torch.distributed as dist
 from torch import nn
 
 from simpsons_ray.model.network import build_model, load_backbone_weights, set_trainable, trainable_parameters
-from simpsons_ray.train.config import Phase, TrainConfig, plan_phases
+from simpsons_ray.train.config import Phase, TrainConfig
 from simpsons_ray.train.data import AugmentingCollate
+from simpsons_ray.train.parent import load_parent_weights
 from simpsons_ray.train.recipe import BatchMix, LrSchedule, WeightEma, make_optimizer
 from simpsons_ray.train.selection import Validation, validate
 from simpsons_ray.train.state import STATE_FILE, TrainState, cpu_state, newest_stored_state
@@ -83,6 +84,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         val_shard=ray.train.get_dataset_shard("val"),
         train_images=loop_config["train_images"],
         progress=loop_config.get("progress"),
+        phases=loop_config["phases"],
+        parent=loop_config.get("parent"),
     )
     worker.run(_restored_state(worker.config))
 
@@ -132,20 +135,25 @@ class _Worker:
     val_shard: Any
     train_images: int
     progress: Any = None  # a ray.util.queue.Queue the driver reads epoch lines from; None: none
+    phases: list[Phase] = field(default_factory=list)  # the driver's plan_phases
+    parent: dict[str, str] | None = None  # the --init-from model: its uri and model_id
 
     def run(self, state: TrainState) -> None:
         c = self.config
         torch.manual_seed(c.seed)
         model = build_model(c.arch, self.num_classes, c.head_hidden, c.dropout)
-        load_backbone_weights(model, c.arch, c.weights)
+        # A checkpoint holds every weight: the starting ones (ImageNet's, a file's, a parent model's) are read on a fresh start only.
         if state.model is not None:
             model.load_state_dict(state.model)
             self._say(f"resuming from epoch {state.epoch} (phase {state.phase_index + 1}, best val_score {state.best_score:.4f})")
+        elif self.parent is not None:
+            load_parent_weights(model, self.parent["uri"], self.parent["model_id"], c.arch)
+        else:
+            load_backbone_weights(model, c.arch, c.weights)
         model.to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model, self.state = model, state
-        self.phases = plan_phases(c)
         self.mix = BatchMix(self.num_classes, c.mixup_alpha, c.cutmix_alpha)
         self.augment_collate = AugmentingCollate(
             c.augment, self.num_classes if c.objective == "multilabel" else None, seed=c.seed * 1009 + self.rank, mix=c.mix
