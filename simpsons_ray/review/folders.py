@@ -50,7 +50,14 @@ def read_frames(export_uri: str) -> list[ExportedFrame]:
     uri = storage.join(export_uri, FRAMES_FILE)
     if not storage.is_file(uri):
         raise UserError(f"{export_uri} has no {FRAMES_FILE}: it is not a finished folders export; export again.")
-    table = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype={"episode": str, "answer": str, "model_id": str, "source": str})
+    try:
+        table = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype={"episode": str, "answer": str, "model_id": str, "source": str})
+        missing = [c for c in FRAMES_COLUMNS if c not in table.columns]
+        if missing:
+            raise ValueError(f"it has no column {', '.join(missing)}")
+        table["frame"] = pd.to_numeric(table["frame"], errors="raise")
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise UserError(f"{uri} is not the {FRAMES_FILE} the export wrote ({str(exc).splitlines()[0]}): put it back as it was.") from None
     frames = []
     for row in table.itertuples(index=False):
         answer = () if row.answer == NOBODY or pd.isna(row.answer) else tuple(str(row.answer).split(";"))

@@ -118,8 +118,12 @@ def _answer(annotation: dict[str, Any], annotations_uri: str) -> Answer:
         if kind == (CHOICES, IMAGE, "choices"):
             choices += [str(c) for c in value.get("choices", [])]
         elif kind == (BOXES, IMAGE, "rectanglelabels"):
-            boxes += [Box(str(c), float(value["x"]), float(value["y"]), float(value["width"]), float(value["height"]),
-                          float(value.get("rotation") or 0.0)) for c in value.get("rectanglelabels", [])]
+            try:
+                boxes += [Box(str(c), float(value["x"]), float(value["y"]), float(value["width"]), float(value["height"]),
+                              float(value.get("rotation") or 0.0)) for c in value.get("rectanglelabels", [])]
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"{annotations_uri} has a rectangle without a number for each of x, y, width and height: "
+                                "export the project again with Label Studio's Export -> JSON.") from None
         else:
             raise UserError(f"{annotations_uri} holds {kind[2]} results from {kind[0]!r} to {kind[1]!r}, which this export's "
                             f"labeling config does not have: it is another project's export; import that project's own.")
