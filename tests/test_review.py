@@ -449,9 +449,10 @@ def test_label_studio_reviews_become_a_training_set_that_train_reads(tmp_path, r
     skipped = pd.read_csv(os.path.join(data, "skipped.csv")).set_index("file")["reason"]
     assert skipped.to_dict() == {f"images/{name[3]}": "skipped by the reviewer", f"images/{name[4]}": "not reviewed",
                                  f"images/{name[5]}": "conflicting reviews", f"images/{name[6]}": "choices not in the export: maggie",
-                                 f"images/{name[10]}": "not in the annotations file", f"images/{name[11]}": "not in the annotations file"}
+                                 f"images/{name[10]}": "not reviewed (not in Label Studio's export)",
+                                 f"images/{name[11]}": "not reviewed (not in Label Studio's export)"}
     assert len(result.reviews) == 6 and result.boxes == 3
-    assert "imported 6 reviewed frames" in stdout.getvalue() and "left out 6 (see skipped.csv): 2 not in the annotations file" in stdout.getvalue()
+    assert "imported 6 reviewed frames" in stdout.getvalue() and "left out 6 (see skipped.csv): 2 not reviewed (not in Label Studio's export)" in stdout.getvalue()
     # What training makes of it: one class per folder, the boxes matched to their pictures.
     images = list_labelled_images(data)
     assert sorted(images["label"].unique()) == ["_nobody", "bart", "homer", "lisa", "marge"]
@@ -464,8 +465,8 @@ def test_label_studio_reviews_become_a_training_set_that_train_reads(tmp_path, r
     (lambda ls: ls[0]["annotations"][0]["result"][0].update(from_name="sentiment"),
      r"holds choices results from 'sentiment' to 'image', which this export's labeling config does not have: it is another project's export"),
     (lambda ls: ls.clear(), r"holds no tasks: import tasks\.json into Label Studio, review, then export again\.$"),
-    (lambda ls: [t.update(annotations=[]) for t in ls], r"^None of the 12 frames of .* has a clear review \(10 not reviewed, 2 not in the "
-                                                        r"annotations file\): nothing was written; review them, then import again\.$"),
+    (lambda ls: [t.update(annotations=[]) for t in ls], r"^None of the 12 frames of .* has a clear review \(10 not reviewed, 2 not reviewed \(not in "
+                                                        r"Label Studio's export\)\): nothing was written; review them, then import again\.$"),
     (lambda ls: [t.pop("annotations") for t in ls], r"has tasks without an annotations list: give the file Label Studio's Export -> JSON wrote"),
 ])
 def test_a_label_studio_export_that_is_not_this_exports_is_one_sentence_and_writes_nothing(tmp_path, reviewed, break_it, sentence):

@@ -22,7 +22,8 @@ CONFLICTING = "conflicting reviews"
 UNKNOWN_CHOICE = "choices not in the export"
 CONTRADICTORY = "nobody and characters in one review"
 EMPTY = "a review with no answer"
-NOT_FOUND = "not in the annotations file"
+# Label Studio's Export -> JSON leaves out the tasks nobody annotated (unless asked for all tasks).
+NOT_FOUND = "not reviewed (not in Label Studio's export)"
 REMOVED = "removed from the folders"
 
 
