@@ -307,15 +307,16 @@ def _labels_with_sources(tmp_path, rows: pd.DataFrame, replace) -> str:
 
 def test_a_frame_whose_source_is_gone_is_reported_and_left_out(tmp_path, labelled, caplog):
     _, model, _, rows = labelled
-    gone = {3: str(tmp_path / "gone" / "a.jpg"), 20: str(tmp_path / "gone" / "b.mp4") + "#t=1"}
+    (tmp_path / "corrupt.jpg").write_bytes(b"not a picture")
+    gone = {3: str(tmp_path / "gone" / "a.jpg"), 20: str(tmp_path / "gone" / "b.mp4") + "#t=1", 7: str(tmp_path / "corrupt.jpg")}
     labels = _labels_with_sources(tmp_path, rows, lambda i, s: gone.get(i, s))
     out = str(tmp_path / "export")
     with caplog.at_level(logging.WARNING):
         result = run_export(ExportConfig(labels, model, out, limit=FRAMES, min_gap_s=0), stdout=io.StringIO())
-    assert len(result.frames) == FRAMES - 2 and sorted(result.unreadable) == sorted(gone.values())
-    assert "2 of 26 picked frames could not be read" in caplog.text and all(g in caplog.text for g in gone.values())
+    assert len(result.frames) == FRAMES - 3 and sorted(result.unreadable) == sorted(gone.values())
+    assert "3 of 26 picked frames could not be read and were left out" in caplog.text and all(g in caplog.text for g in gone.values())
     assert sorted(read_json(os.path.join(out, "export.json"))["unreadable"]) == sorted(gone.values())
-    assert len(read_json(os.path.join(out, "tasks.json"))) == FRAMES - 2 and len(os.listdir(os.path.join(out, "images"))) == FRAMES - 2
+    assert len(read_json(os.path.join(out, "tasks.json"))) == FRAMES - 3 and len(os.listdir(os.path.join(out, "images"))) == FRAMES - 3
 
 
 def test_when_no_picked_frame_can_be_read_nothing_is_written(tmp_path, labelled):

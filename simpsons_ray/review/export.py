@@ -18,7 +18,7 @@ import logging
 import sys
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 import pandas as pd
@@ -100,7 +100,8 @@ def model_decision(model_uri: str) -> tuple[Decision, str]:
     return Decision(tuple(classes), objective == "multilabel", tuple(float(t) for t in thresholds)), str(model_id)
 
 
-def _exported_frames(picked: pd.DataFrame, file_of) -> list[ExportedFrame]:
+def _exported_frames(picked: pd.DataFrame, file_of: Callable[[str, tuple[str, ...]], str]) -> list[ExportedFrame]:
+    """The picks as exported frames: unique names, and each picture's file in the export from ``file_of(name, answer)``."""
     names = frame_names(picked["episode"].tolist(), picked["frame"].tolist())
     out = []
     for name, row in zip(names, picked.itertuples(index=False)):
@@ -112,13 +113,12 @@ def _exported_frames(picked: pd.DataFrame, file_of) -> list[ExportedFrame]:
     return out
 
 
-def _jpeg(picture: "bytes | Image.Image | None") -> bytes | None:
-    if picture is None:
-        return None
+def _jpeg(picture: "bytes | Image.Image", source: str, problems: list[str]) -> bytes | None:
+    """A picture as a JPEG; None, and why in ``problems``, for bytes that are no picture."""
     try:
         image = picture if isinstance(picture, Image.Image) else decode_rgb(picture)
     except ImageDecodeError as exc:
-        log.info("review export: %s", exc)
+        problems.append(f"cannot decode {source}: {exc}")
         return None
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
@@ -137,7 +137,7 @@ def write_pictures(frames: list[ExportedFrame], output_uri: str, replace: bool) 
     for start in range(0, len(by_source), READ_BATCH):
         batch = by_source[start:start + READ_BATCH]
         pictures = fetch_sources([frames[i].source for i in batch], warn=problems.append, video_max_side=VIDEO_MAX_SIDE)
-        jpegs = {i: _jpeg(pictures.get(frames[i].source)) for i in batch}
+        jpegs = {i: _jpeg(picture, frames[i].source, problems) for i in batch if (picture := pictures.get(frames[i].source)) is not None}
         encoded = {i: data for i, data in jpegs.items() if data is not None}
         ready = [i for i in batch if i in encoded]
         if ready and replace and not written:
