@@ -159,17 +159,17 @@ def task_rows(tasks: list[dict], rows: pd.DataFrame) -> list[pd.Series]:
 def test_multilabel_uncertainty_is_the_smallest_logit_distance_from_each_characters_own_threshold():
     decision = Decision(tuple(CLASSES), True, tuple(THRESHOLDS))
     table = pa.table({
-        "top_labels": [["homer", "bart"], ["bart", "lisa"], ["marge"], ["bart"], ["lisa", "homer"], None],
-        "top_scores": [[0.35, 0.1], [0.9, 0.58], [0.99], [0.5], [0.9, 0.02], None],
+        "top_labels": [["homer", "bart"], ["bart", "lisa"], ["marge"], ["bart"], ["lisa", "homer"], None, ["homer"]],
+        "top_scores": [[0.35, 0.1], [0.9, 0.58], [0.99], [0.5], [0.9, 0.02], None, [0.05]],
     }, schema=pa.schema([schema.READ_SCHEMA.field("top_labels"), schema.READ_SCHEMA.field("top_scores")]))
     key = uncertainty(table, decision)
     # Row 0: homer's 0.35 against its own 0.3, not bart's 0.5; row 1: lisa's 0.58 against 0.6 (bart's 0.9 is far from 0.5).
     expected = [abs(logit(0.35) - logit(0.3)), abs(logit(0.58) - logit(0.6)), abs(logit(0.99) - logit(0.5)), 0.0,
-                abs(logit(0.9) - logit(0.6)), math.inf]
+                abs(logit(0.9) - logit(0.6)), math.inf, abs(logit(0.05) - logit(0.3))]
     assert key == pytest.approx(expected, rel=1e-5)
-    assert list(np.argsort(key, kind="stable")) == [3, 1, 0, 4, 2, 5]
-    # In probability, 0.35 - 0.3 = 0.05 is farther than 0.58 - 0.6 = 0.02 as well; in logits 0.9 vs 0.6 is nearer than 0.99 vs 0.5.
-    assert key[4] < key[2]
+    assert list(np.argsort(key, kind="stable")) == [3, 1, 0, 4, 6, 2, 5]
+    # Logits, not probabilities: homer's 0.05 is 0.25 from its 0.3 and lisa's 0.9 is 0.3 from her 0.6, yet lisa's is the closer call.
+    assert key[4] < key[6]
 
 
 def test_softmax_uncertainty_is_the_margin_between_the_top_two():
@@ -530,7 +530,7 @@ def test_folders_export_files_each_frame_under_the_models_answer_and_moving_pict
     assert review.loc[f"_nobody/{os.path.basename(emptied)}", "characters"] == "nobody"
     assert review.loc[people[2], "characters"] == f"{people[2].split('/')[0]};{two.split('/')[0]}"  # under its first character only
     assert not os.path.exists(os.path.join(data, two)) and review.loc[found, "characters"] == "homer"
-    unchanged = [f for f in people[5:] + nobody[1:]]
+    unchanged = people[5:] + nobody[1:]
     assert all(os.path.isfile(os.path.join(data, f.replace("nobody/", "_nobody/"))) for f in unchanged)
     assert (review.loc[[f.replace("nobody/", "_nobody/") for f in unchanged], "changed"] == "False").all()
     skipped = pd.read_csv(os.path.join(data, "skipped.csv")).set_index("file")["reason"].to_dict()
