@@ -469,7 +469,7 @@ def test_label_studio_reviews_become_a_training_set_that_train_reads(tmp_path, r
     (lambda ls: [t.update(annotations=[]) for t in ls], r"^None of the 12 frames of .* has a clear review \(10 not reviewed, 2 not reviewed \(not in "
                                                         r"Label Studio's export\)\): nothing was written; review them, then import again\.$"),
     (lambda ls: [t.pop("annotations") for t in ls], r"has tasks without an annotations list: give the file Label Studio's Export -> JSON wrote"),
-])
+], ids=["another-export", "another-project", "no-tasks", "nothing-reviewed", "not-a-json-export"])
 def test_a_label_studio_export_that_is_not_this_exports_is_one_sentence_and_writes_nothing(tmp_path, reviewed, break_it, sentence):
     out, _, annotations = reviewed
     broken = read_json(annotations)
