@@ -21,8 +21,9 @@ ALLOWED = {
     "label": {"core", "media", "model", "labels"},
     "query": {"core", "media", "labels"},
     "report": {"core", "media", "labels", "query"},
+    "review": {"core", "media", "model", "labels", "query"},
     "demo": {"core", "media", "model", "labels", "train", "label", "query", "report"},
-    "cli": {"core", "media", "model", "labels", "train", "label", "query", "report", "demo"},
+    "cli": {"core", "media", "model", "labels", "train", "label", "query", "report", "review", "demo"},
 }
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60

@@ -5,7 +5,7 @@
 
 Owns: ``args`` (argument types, shared flags, flags built from a config's fields)
 and one module per family of subcommands (``train``: train and evaluate;
-``label``; ``query``: query and report).
+``label``; ``query``: query and report; ``review``: review export and import).
 
 May import: every stage.
 """
@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 from simpsons_ray.cli.args import positive_int
 from simpsons_ray.cli.label import add_label
 from simpsons_ray.cli.query import add_query, add_report
+from simpsons_ray.cli.review import add_review
 from simpsons_ray.cli.train import add_evaluate, add_train, train_config
 from simpsons_ray.core.errors import find_user_error
 
@@ -43,7 +44,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_evaluate, add_label, add_query, add_report, add_demo]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_evaluate, add_label, add_query, add_report, add_review, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

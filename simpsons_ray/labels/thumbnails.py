@@ -40,6 +40,8 @@ MAX_SOURCE_BYTES = 64 * 1024 * 1024
 # An episode's archive is a few GB of frames; past this much inflated tar the wanted member
 # is not worth the read (a .gz of zeros inflates a thousandfold).
 MAX_ARCHIVE_BYTES = 8 * 1024 * 1024 * 1024
+# Thumbnails and contact sheets never show a frame larger than this (video.read_frames_at's default).
+VIDEO_THUMBNAIL_SIDE = 480
 
 
 def thumbnail(data: "bytes | Image.Image | None", size: tuple[int, int]) -> Image.Image | None:
@@ -59,11 +61,13 @@ def thumbnail(data: "bytes | Image.Image | None", size: tuple[int, int]) -> Imag
 Warn = Callable[[str], None]
 
 
-def fetch_sources(sources: list[str], warn: Warn | None = None) -> dict[str, "bytes | Image.Image | None"]:
+def fetch_sources(sources: list[str], warn: Warn | None = None,
+                  video_max_side: int = VIDEO_THUMBNAIL_SIDE) -> dict[str, "bytes | Image.Image | None"]:
     """Each source's image bytes, or its decoded picture for a video frame (None where unreadable).
 
     Files are read one by one, archives in one pass each, videos opened once each.
     ``warn`` gets one sentence per source that can't be read (default: a log warning).
+    A video frame comes back fitted inside ``video_max_side`` pixels a side (files as stored).
     """
     say: Warn = warn or (lambda message: log.warning("thumbnail: %s", message))
     files: list[str] = []
@@ -87,7 +91,7 @@ def fetch_sources(sources: list[str], warn: Warn | None = None) -> dict[str, "by
             results.update(read)
         for found in pool.map(lambda item: _read_archive(item[0], item[1], say), archives.items()):
             results.update(found)
-        for pictures in pool.map(lambda item: _read_video(item[0], item[1], say), videos.items()):
+        for pictures in pool.map(lambda item: _read_video(item[0], item[1], say, video_max_side), videos.items()):
             results.update(pictures)
     return results
 
@@ -143,11 +147,11 @@ def _read_archive(archive: str, members: set[str], warn: Warn) -> dict[str, byte
     return found
 
 
-def _read_video(uri: str, members: set[str], warn: Warn) -> dict[str, Image.Image | None]:
+def _read_video(uri: str, members: set[str], warn: Warn, max_side: int) -> dict[str, Image.Image | None]:
     """The frames of one video at the wanted times (``t=<seconds>`` members), the video opened once."""
     times = {m: frame_seconds(m) for m in members}
     try:
-        pictures = video.read_frames_at(uri, sorted({t for t in times.values() if t is not None}))
+        pictures = video.read_frames_at(uri, sorted({t for t in times.values() if t is not None}), max_side=max_side)
     except (OSError, UserError, video.VideoError) as exc:
         warn(f"cannot read {uri}: {exc}")
         pictures = {}
