@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from imagegen import free_port  # noqa: E402  (tests/ is on sys.path under pytest)
+from labelstudio_server import label_studio  # noqa: E402, F401  (the session fixture: a real Label Studio)
 from waiting import wait_until  # noqa: E402
 
 # Set before anything starts Ray, so that Ray's workers inherit the same
