@@ -21,7 +21,7 @@ ALLOWED = {
     "label": {"core", "media", "model", "labels"},
     "query": {"core", "media", "labels"},
     "report": {"core", "media", "labels", "query"},
-    "review": {"core", "media", "model", "labels", "query"},
+    "review": {"core", "media", "model", "labels", "train", "query"},
     "demo": {"core", "media", "model", "labels", "train", "label", "query", "report"},
     "cli": {"core", "media", "model", "labels", "train", "label", "query", "report", "review", "demo"},
 }

@@ -6,7 +6,10 @@ thresholds of their own, over three episodes whose frames lie in files, in a tar
 archive and in a video. The model artifacts are config.json and classes.json with
 stand-in weights: an export reads a model's classes, objective and thresholds,
 never its weights. Label Studio's side is played by JSON in the shape of its
-Export -> JSON (tasks with their data as imported and an ``annotations`` list).
+Export -> JSON (tasks with their data as imported and an ``annotations`` list), and,
+in the last test (slow tier), by a real Label Studio (tests/labelstudio_server.py):
+the export goes in through its API, two reviewers answer, and its own JSON export
+comes back into a training set.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import pytest
 from PIL import Image
 
 from imagegen import class_image, encode, upload_tree, write_tar, write_video
+from labelstudio_server import ADMIN, REVIEWER
 from simpsons_ray import cli
 from simpsons_ray.core.errors import UserError
 from simpsons_ray.labels import schema
@@ -419,7 +423,7 @@ def _size(path) -> tuple[int, int]:
 
 def test_label_studio_reviews_become_a_training_set_that_train_reads(tmp_path, reviewed):
     from simpsons_ray.train.compose import read_boxes
-    from simpsons_ray.train.datasets import list_labelled_images
+    from simpsons_ray.train.datasets import NOBODY, list_labelled_images, list_root_images
 
     out, tasks, annotations = reviewed
     data = str(tmp_path / "data")
@@ -454,9 +458,9 @@ def test_label_studio_reviews_become_a_training_set_that_train_reads(tmp_path, r
                                  f"images/{name[11]}": "not reviewed (not in Label Studio's export)"}
     assert len(result.reviews) == 6 and result.boxes == 3
     assert "imported 6 reviewed frames" in stdout.getvalue() and "left out 6 (see skipped.csv): 2 not reviewed (not in Label Studio's export)" in stdout.getvalue()
-    # What training makes of it: one class per folder, the boxes matched to their pictures.
-    images = list_labelled_images(data)
-    assert sorted(images["label"].unique()) == ["_nobody", "bart", "homer", "lisa", "marge"]
+    # What training makes of it: one class per character folder, the nobody frame as one, the boxes matched to their pictures.
+    assert sorted(list_labelled_images(data)["label"].unique()) == ["bart", "homer", "lisa", "marge"]
+    assert list_root_images(data)["label"].tolist().count(NOBODY) == 1
     assert sorted(read_boxes(os.path.join(data, "annotation.csv"))["key"]) == sorted(boxes["path"])
 
 
@@ -582,3 +586,78 @@ def test_an_export_and_an_import_through_s3(tmp_path, labelled, s3_server, s3_bu
 
 def read_json_s3(server, bucket: str, key: str):
     return json.loads(server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+# ----------------------------------------------------------------------------- a real Label Studio
+LS_FOLDER = "review-round-trip"  # the export, under Label Studio's document root
+
+
+def ls_choices(*names: str) -> dict:
+    return {"from_name": "characters", "to_name": "image", "type": "choices", "value": {"choices": list(names)}}
+
+
+def ls_drawn_box(name: str, size: tuple[int, int], x: float, y: float, width: float, height: float) -> dict:
+    """A rectangle as the editor submits it: percent of the picture, which it names by its size."""
+    return {"from_name": "boxes", "to_name": "image", "type": "rectanglelabels", "original_width": size[0],
+            "original_height": size[1], "value": {"x": x, "y": y, "width": width, "height": height, "rotation": 0,
+                                                    "rectanglelabels": [name]}}
+
+
+def predicted(task: dict) -> list[str]:
+    return task["predictions"][0]["result"][0]["value"]["choices"]
+
+
+@pytest.mark.slow  # installs Label Studio into its own venv on first use (about 1.5 min) and starts it (about 40 s)
+def test_what_reviewers_say_in_label_studio_is_what_the_training_set_holds(label_studio, labelled, tmp_path):
+    labels, model, _, _ = labelled
+    out = label_studio.document_root / LS_FOLDER
+    run_export(ExportConfig(labels_uri=labels, model_uri=model, output_uri=str(out), limit=8, min_gap_s=0,
+                            image_url_prefix=f"/data/local-files/?d={LS_FOLDER}/"), stdout=io.StringIO())
+    tasks = read_json(out / "tasks.json")
+    assert len(tasks) == 8
+
+    project = label_studio.create_project("simpsons-ray review", (out / "labeling_config.xml").read_text())
+    label_studio.serve_local_files(project, f"{LS_FOLDER}/images")
+    ids = label_studio.import_tasks(project, tasks)
+    name = [t["data"]["image"].rsplit("/", 1)[-1] for t in tasks]
+    served = label_studio.request("GET", "/data/local-files/", params={"d": f"{LS_FOLDER}/images/{name[0]}"})
+    assert served.content == (out / "images" / name[0]).read_bytes()  # the picture the reviewer sees is the export's
+    with Image.open(out / "images" / name[1]) as picture:
+        size = picture.size
+
+    # What the reviewers do, task by task (6 and 7 are left alone).
+    others = [c for c in ("bart", "homer", "lisa", "marge") if c not in predicted(tasks[1])]
+    label_studio.annotate(ids[0], [ls_choices(*predicted(tasks[0]))])  # accepts the model's answer
+    label_studio.annotate(ids[1], [ls_choices(others[0]), ls_drawn_box(others[0], size, 10, 20, 50, 40)])  # corrects it, draws a box
+    label_studio.annotate(ids[2], [ls_choices("nobody")])
+    label_studio.skip(ids[3])
+    label_studio.annotate(ids[4], [ls_choices("homer")], user=ADMIN)
+    label_studio.annotate(ids[4], [ls_choices("marge")], user=REVIEWER)  # the two disagree
+    label_studio.annotate(ids[5], [ls_choices("lisa", "bart")], user=ADMIN)
+    label_studio.annotate(ids[5], [ls_choices("bart", "lisa")], user=REVIEWER)  # the two agree, in another order
+
+    exported = tmp_path / "project-export.json"
+    exported.write_text(json.dumps(label_studio.export(project)))
+    data = tmp_path / "data"
+    result = run_import(ImportConfig(str(out), str(data), str(exported)), stdout=io.StringIO())
+
+    first = predicted(tasks[0])
+    expected = {f"{first[0] if first != ['nobody'] else '_nobody'}/{name[0]}", f"{others[0]}/{name[1]}", f"_nobody/{name[2]}",
+                f"lisa/{name[5]}"}
+    assert set(files_under(data)) - {"annotation.csv", "review.csv", "skipped.csv"} == expected
+    assert len(result.reviews) == 4
+    for path in expected:  # each picture is the one the reviewer saw
+        assert (data / path).read_bytes() == (out / "images" / os.path.basename(path)).read_bytes()
+    review = pd.read_csv(data / "review.csv", dtype=str).set_index("file")
+    for i, path in ((0, next(iter(e for e in expected if name[0] in e))), (1, f"{others[0]}/{name[1]}"), (5, f"lisa/{name[5]}")):
+        assert review.loc[path, ["source", "episode", "frame"]].tolist() == [tasks[i]["data"]["source"], tasks[i]["data"]["episode"],
+                                                                             str(tasks[i]["data"]["frame"])]
+    assert review.loc[f"lisa/{name[5]}", "characters"] == "lisa;bart"
+    assert review.loc[f"{others[0]}/{name[1]}", "changed"] in ("True", "true", "1")
+    boxes = pd.read_csv(data / "annotation.csv")
+    assert boxes.values.tolist() == [[f"{others[0]}/{name[1]}", round(0.1 * size[0]), round(0.2 * size[1]), round(0.6 * size[0]),
+                                      round(0.6 * size[1]), others[0]]]
+    skipped = pd.read_csv(data / "skipped.csv").set_index("file")["reason"].to_dict()
+    assert skipped == {f"images/{name[3]}": "skipped by the reviewer", f"images/{name[4]}": "conflicting reviews",
+                       f"images/{name[6]}": "not reviewed (not in Label Studio's export)",
+                       f"images/{name[7]}": "not reviewed (not in Label Studio's export)"}

@@ -19,6 +19,7 @@ from typing import Any
 
 from simpsons_ray.core import storage
 from simpsons_ray.core.errors import UserError
+from simpsons_ray.train import datasets
 
 MANIFEST_FILE = "export.json"
 KIND = "simpsons-ray review export"
@@ -26,8 +27,8 @@ VERSION = 1
 FORMATS = ("labelstudio", "folders")
 # The choice, and the folder, of a frame with no character on screen.
 NOBODY = "nobody"
-# Where an import files a frame the reviewer marked as showing nobody.
-NOBODY_FOLDER = "_nobody"
+# Where an import files a frame the reviewer marked as showing nobody: the folder train reads as frames of nobody.
+NOBODY_FOLDER = datasets.NOBODY
 
 
 @dataclass(frozen=True)
