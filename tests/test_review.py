@@ -78,11 +78,14 @@ def _episode_rows(episode: str, index: int, frames_root: str, model_id: str) -> 
         rows.append({
             "episode": episode, "frame": int(f), "timestamp_s": f / FPS, "source": source,
             "label": top[0] if scores[0] >= THRESHOLDS[CLASSES.index(top[0])] else None, "confidence": scores[0],
-            "top_labels": top, "top_scores": scores, "model_id": model_id,
-            "characters": characters, "character_scores": character_scores, "shot": int(f // per_shot),
+            "top_labels": top, "top_scores": scores, "model_id": model_id, "shot": int(f // per_shot),
             "frame_characters": characters, "frame_character_scores": character_scores,
         })
-    return pd.DataFrame(rows)
+    # The episode's answer, pooled over each shot: here, as a stand-in, the answer of the shot's first frame. A review
+    # shows each frame's own answer.
+    table = pd.DataFrame(rows)
+    first = table.groupby("shot")[["frame_characters", "frame_character_scores"]].transform("first")
+    return table.assign(characters=first["frame_characters"], character_scores=first["frame_character_scores"])
 
 
 def write_labels(root: str, rows: pd.DataFrame) -> None:
@@ -282,7 +285,7 @@ def test_labelstudio_export_writes_decodable_pictures_tasks_a_labeling_config_an
         [prediction] = t["predictions"]
         assert prediction["model_version"] == row["model_id"] and prediction["score"] == pytest.approx(row["confidence"], abs=1e-6)
         assert prediction["result"] == [{"from_name": "characters", "to_name": "image", "type": "choices",
-                                         "value": {"choices": list(row["characters"]) or ["nobody"]}}]
+                                         "value": {"choices": list(row["frame_characters"]) or ["nobody"]}}]
         with Image.open(os.path.join(out, "images", name)) as picture:
             picture.load()  # decodes whole
             assert picture.format == "JPEG"
@@ -508,8 +511,9 @@ def test_folders_export_files_each_frame_under_the_models_answer_and_moving_pict
     by_frame = {(r["episode"], r["frame"]): r for _, r in rows.iterrows()}
     for f in frames.itertuples():
         row = by_frame[(f.episode, f.frame)]
-        assert f.file == f"{row['characters'][0] if len(row['characters']) else 'nobody'}/{f.episode}-{f.frame}.jpg"
-        assert f.answer == (";".join(row["characters"]) or "nobody") and os.path.isfile(os.path.join(out, f.file))
+        own = row["frame_characters"]  # the frame's own answer, not its shot's
+        assert f.file == f"{own[0] if len(own) else 'nobody'}/{f.episode}-{f.frame}.jpg"
+        assert f.answer == (";".join(own) or "nobody") and os.path.isfile(os.path.join(out, f.file))
     people = frames[frames["answer"] != "nobody"]["file"].tolist()
     nobody = frames[frames["answer"] == "nobody"]["file"].tolist()
 

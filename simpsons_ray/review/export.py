@@ -152,7 +152,9 @@ def run_export(config: ExportConfig, stdout: TextIO | None = None) -> ExportResu
     stdout = stdout or sys.stdout
     decision, model_id = model_decision(config.model_uri)
     replace = check_replaceable(config.output_uri, MANIFEST_FILE, "review export", config.overwrite)
-    labels = open_labels(config.labels_uri)
+    # A reviewer sees one frame: the answer shown, and a character:NAME pick, are the frame's own (before pooling over its
+    # shot), as the uncertainty that ranks it is.
+    labels = open_labels(config.labels_uri, per_frame=True)
     pick = Pick.parse(config.pick)
     picked = pick_frames(labels, decision, pick, int(config.limit), int(config.seed), float(config.min_gap_s))
     check_answers(picked, decision, model_id, config.labels_uri, config.model_uri)
