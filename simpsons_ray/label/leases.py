@@ -147,7 +147,8 @@ class LeaseKeeper:
             lease, tag = found
             if self.is_live(lease) and (lease or {}).get("job") != self.job_id:
                 return str((lease or {})["job"])
-            logger.info("label: episode %s: the lease of job %s expired; taking it over", episode_id, (lease or {}).get("job", "?"))
+            if (lease or {}).get("job") != self.job_id:
+                logger.info("label: episode %s: the lease of job %s expired; taking it over", episode_id, (lease or {}).get("job", "?"))
             if self._swap(episode_id, tag):
                 return None
         found = self._read(episode_id)
