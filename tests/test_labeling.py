@@ -544,7 +544,7 @@ def test_episodes_whose_names_are_not_ids_are_refused_and_nothing_is_written_for
     assert summary["episodes_labelled"] == 1 and summary["frames_labelled"] == 3
     assert sorted(r.split(":")[0] for r in summary["episodes_refused"]) == ["100%", "<b>.tar", "x=y.tar"]
     written = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file() and "_runs" not in str(p))
-    assert written == ["_progress/good.json", "episode=good/part-0.parquet"]
+    assert written == ["_leases/.lock", "_progress/good.json", "episode=good/part-0.parquet"]  # .lock: leases' compare-and-swap
     with pytest.raises(UserError, match="--episodes '100%' is not an episode id .*may not hold '%'"):
         label(LabelConfig(model_uri=model_dir, frames_uri=str(frames), output_uri=str(output), episodes=("100%",)))
 
@@ -655,7 +655,8 @@ def _written_rows(tmp_path, settings: LabelSettings, scores: np.ndarray, multila
     writer = EpisodeWriter(OutputLayout(str(tmp_path)), "run-1", episode, ["a", "b", "c", "d"],
                            dataclasses.replace(settings, multilabel=multilabel))
     writer.add(batch)
-    writer.commit("run-1")
+    writer.stage()
+    writer.land("run-1", "", still_held=lambda: True)
     table = pq.read_table(tmp_path / "episode=E1" / "part-0.parquet")
     assert table.schema.remove_metadata() == schema.WRITTEN_FILE_SCHEMA
     # The frame's own answer (a frame's answer pooled over its shot is test_pooling's).
