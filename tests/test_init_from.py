@@ -230,6 +230,7 @@ def grown(tmp_path_factory, ray_session) -> SimpleNamespace:
     return SimpleNamespace(parent=parent, original=original, corrections=corrections, child=root / "child", said=said.getvalue())
 
 
+@pytest.mark.slow  # a Ray Train run from a model (about 30 s): the fast tier keeps the head-growing and lineage checks above
 def test_init_from_trains_on_appends_a_character_and_records_the_lineage(grown):
     assert f"appended to its head: {NEW}" in grown.said and "4 frame(s) of nobody (_nobody/) train as frames" in grown.said
     model = load_artifact(str(grown.child))
