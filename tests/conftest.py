@@ -91,6 +91,14 @@ def s3_bucket(s3_server) -> str:
     return s3_server.new_bucket()
 
 
+@pytest.fixture(params=["local", "s3"])
+def labels_output(request, tmp_path) -> str:
+    """A labels output not written yet: a local folder, then an S3 prefix (a test that takes it runs on both)."""
+    if request.param == "local":
+        return str(tmp_path / "labels")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/labels"
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray for the whole test session (2 CPUs, like CI)."""

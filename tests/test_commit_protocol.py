@@ -1,6 +1,6 @@
 """The commit protocol under a lost lease (label/commit.py, label/leases.py): a job that lost an episode writes nothing visible.
 
-Two jobs on one output, local and on S3. The first job's heartbeat stalls past its
+Two jobs on one labels_output, local and on S3. The first job's heartbeat stalls past its
 lease's expiry while the second takes the episode over; whatever order the two then
 commit in, the output holds the second job's labels, errors and marker only, and the
 first job's files are gone from its temporary folder.
@@ -28,17 +28,9 @@ from waiting import FakeClock, wait_until
 TTL_S = 60.0
 
 
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "labels")
-    server = request.getfixturevalue("s3_server")
-    return f"s3://{server.new_bucket()}/labels"
-
-
-def episode_writer(output: str, run_id: str, frames: int, errors: int) -> EpisodeWriter:
+def episode_writer(labels_output: str, run_id: str, frames: int, errors: int) -> EpisodeWriter:
     """A writer holding ``frames`` labelled rows (all 'a' for run-a, 'b' otherwise) and ``errors`` error rows of episode E1."""
-    writer = EpisodeWriter(OutputLayout(output), run_id, Episode("E1", "/frames/E1", FOLDER), ["a", "b"], LabelSettings("m", 2, 0.0))
+    writer = EpisodeWriter(OutputLayout(labels_output), run_id, Episode("E1", "/frames/E1", FOLDER), ["a", "b"], LabelSettings("m", 2, 0.0))
     n = frames + errors
     top = np.zeros((n, 2), np.int64) if run_id == "run-a" else np.tile([1, 0], (n, 1))
     writer.add({"frame": np.arange(n), "source": np.array([f"{run_id}/{i}.jpg" for i in range(n)], dtype=object),
@@ -48,9 +40,9 @@ def episode_writer(output: str, run_id: str, frames: int, errors: int) -> Episod
     return writer
 
 
-def visible(output: str) -> dict[str, object]:
+def visible(labels_output: str) -> dict[str, object]:
     """What a reader of the output sees of episode E1: who wrote its labels, how many error rows, whose marker."""
-    layout = OutputLayout(output)
+    layout = OutputLayout(labels_output)
     labels = pq.read_table(storage.open_input_file(layout.labels_file("E1"))) if storage.exists(layout.labels_file("E1")) else None
     errors = pq.read_table(storage.open_input_file(layout.errors_file("E1"))) if storage.exists(layout.errors_file("E1")) else None
     marker = storage.read_json(layout.marker("E1")) if storage.exists(layout.marker("E1")) else None
@@ -62,28 +54,28 @@ def visible(output: str) -> dict[str, object]:
     }
 
 
-def two_jobs(output: str) -> tuple[FakeClock, LeaseKeeper, LeaseKeeper]:
+def two_jobs(labels_output: str) -> tuple[FakeClock, LeaseKeeper, LeaseKeeper]:
     """Job a holds E1; its heartbeat then stalls past the TTL, and job b takes E1 over."""
     clock = FakeClock(1_000_000.0)
-    a = LeaseKeeper(output, "run-a", ttl_s=TTL_S, clock=clock, monotonic=clock)
+    a = LeaseKeeper(labels_output, "run-a", ttl_s=TTL_S, clock=clock, monotonic=clock)
     assert a.acquire(["E1"]) == (["E1"], {})
     clock.sleep(TTL_S + 1)  # no renewal: the heartbeat stalled
-    b = LeaseKeeper(output, "run-b", ttl_s=TTL_S, clock=clock, monotonic=clock)
+    b = LeaseKeeper(labels_output, "run-b", ttl_s=TTL_S, clock=clock, monotonic=clock)
     assert b.acquire(["E1"]) == (["E1"], {})
     return clock, a, b
 
 
 @pytest.mark.parametrize("order", ["taker first", "stalled first"])
-def test_a_job_that_lost_its_lease_writes_nothing_visible(output, order):
-    _, a, b = two_jobs(output)
-    stalled, taker = episode_writer(output, "run-a", frames=5, errors=2), episode_writer(output, "run-b", frames=7, errors=0)
+def test_a_job_that_lost_its_lease_writes_nothing_visible(labels_output, order):
+    _, a, b = two_jobs(labels_output)
+    stalled, taker = episode_writer(labels_output, "run-a", frames=5, errors=2), episode_writer(labels_output, "run-b", frames=7, errors=0)
     commits = [(taker, b, "run-b"), (stalled, a, "run-a")]
     if order == "stalled first":
         commits.reverse()
     after: list[dict[str, object]] = []
     for writer, keeper, run_id in commits:
         _commit(writer, "", run_id, keeper, Progress(1), [])
-        after.append(visible(output))
+        after.append(visible(labels_output))
     b_only = {"labels": ["run-b"], "rows": 7, "errors": 0, "marker": "run-b"}
     if order == "taker first":
         assert after == [b_only, b_only]  # the stalled job's labels and errors never replace the taker's
@@ -93,11 +85,11 @@ def test_a_job_that_lost_its_lease_writes_nothing_visible(output, order):
     assert not any(storage.exists(u) for u in (stalled.tmp_uri, stalled.finished_uri, stalled.errors_uri))
 
 
-def test_a_commit_that_stalls_past_its_lease_stops_before_its_next_write(output):
+def test_a_commit_that_stalls_past_its_lease_stops_before_its_next_write(labels_output):
     clock = FakeClock(1_000_000.0)
-    a = LeaseKeeper(output, "run-a", ttl_s=TTL_S, clock=clock, monotonic=clock)
+    a = LeaseKeeper(labels_output, "run-a", ttl_s=TTL_S, clock=clock, monotonic=clock)
     a.acquire(["E1"])
-    writer = episode_writer(output, "run-a", frames=5, errors=2)
+    writer = episode_writer(labels_output, "run-a", frames=5, errors=2)
     writer.stage()
     assert a.renew("E1")
     calls = []
@@ -111,22 +103,22 @@ def test_a_commit_that_stalls_past_its_lease_stops_before_its_next_write(output)
     assert calls == [True, False]
     # The labels landed before the stall; the errors file and the marker did not: an unmarked episode, which the
     # run that takes it up clears before labelling it.
-    assert visible(output) == {"labels": ["run-a"], "rows": 5, "errors": 0, "marker": None}
+    assert visible(labels_output) == {"labels": ["run-a"], "rows": 5, "errors": 0, "marker": None}
 
 
-def test_a_commit_replaces_or_removes_both_files(output):
+def test_a_commit_replaces_or_removes_both_files(labels_output):
     """A rerun with no errors removes the last run's errors file; one with no labelled frame removes its labels file."""
     for run_id, frames, errors, expected in [("run-a", 5, 2, {"labels": ["run-a"], "rows": 5, "errors": 2}),
                                              ("run-b", 4, 0, {"labels": ["run-b"], "rows": 4, "errors": 0}),
                                              ("run-c", 0, 3, {"labels": None, "rows": 0, "errors": 3})]:
-        keeper = LeaseKeeper(output, run_id)
+        keeper = LeaseKeeper(labels_output, run_id)
         keeper.acquire(["E1"])
-        _commit(episode_writer(output, run_id, frames, errors), "", run_id, keeper, Progress(1), [])
-        assert visible(output) == {**expected, "marker": run_id}
+        _commit(episode_writer(labels_output, run_id, frames, errors), "", run_id, keeper, Progress(1), [])
+        assert visible(labels_output) == {**expected, "marker": run_id}
 
 
-def test_conditional_writes_let_exactly_one_of_racing_writers_through(output):
-    uri = storage.join(output, "_leases", "E1.json")
+def test_conditional_writes_let_exactly_one_of_racing_writers_through(labels_output):
+    uri = storage.join(labels_output, "_leases", "E1.json")
     tag = versioned.write(uri, b"v1", None)
     assert tag and versioned.write(uri, b"again", None) is None
     results: list[str | None] = []
@@ -146,11 +138,11 @@ def test_conditional_writes_let_exactly_one_of_racing_writers_through(output):
     assert not versioned.delete(uri, tag) and versioned.delete(uri, winners[0]) and versioned.read(uri) is None
 
 
-def test_racing_takeovers_of_an_expired_lease_leave_one_holder(output):
+def test_racing_takeovers_of_an_expired_lease_leave_one_holder(labels_output):
     clock = FakeClock(1_000_000.0)
-    LeaseKeeper(output, "run-dead", ttl_s=TTL_S, clock=clock, monotonic=clock).acquire(["E1", "E2"])
+    LeaseKeeper(labels_output, "run-dead", ttl_s=TTL_S, clock=clock, monotonic=clock).acquire(["E1", "E2"])
     clock.sleep(TTL_S + 1)
-    keepers = [LeaseKeeper(output, f"run-{k}", ttl_s=TTL_S, clock=clock, monotonic=clock) for k in range(4)]
+    keepers = [LeaseKeeper(labels_output, f"run-{k}", ttl_s=TTL_S, clock=clock, monotonic=clock) for k in range(4)]
     held: dict[str, list[str]] = {}
     start = threading.Barrier(len(keepers))
 

@@ -8,23 +8,13 @@ import subprocess
 import sys
 import threading
 
-import pytest
-
 from simpsons_ray.core import storage, versioned
 from simpsons_ray.label.leases import LeaseKeeper
 from waiting import FakeClock, wait_until
 
 
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "labels")
-    server = request.getfixturevalue("s3_server")
-    return f"s3://{server.new_bucket()}/labels"
-
-
-def test_a_live_lease_keeps_other_jobs_off_and_is_given_back(output):
-    a, b = LeaseKeeper(output, "job-a"), LeaseKeeper(output, "job-b")
+def test_a_live_lease_keeps_other_jobs_off_and_is_given_back(labels_output):
+    a, b = LeaseKeeper(labels_output, "job-a"), LeaseKeeper(labels_output, "job-b")
     assert a.acquire(["E1", "E2"]) == (["E1", "E2"], {})
     held, elsewhere = b.acquire(["E2", "E3"])
     assert held == ["E3"] and elsewhere == {"E2": "job-a"}
@@ -35,10 +25,10 @@ def test_a_live_lease_keeps_other_jobs_off_and_is_given_back(output):
     assert a.renew("E1") and a.holds("E1") and not a.renew("E2") and not a.holds("E2")
 
 
-def test_racing_jobs_split_the_episodes_between_them(output):
+def test_racing_jobs_split_the_episodes_between_them(labels_output):
     """Jobs that start at the same moment: every episode ends up with exactly one of them."""
     episodes = [f"E{i:02d}" for i in range(24)]
-    keepers = [LeaseKeeper(output, f"job-{k}") for k in range(3)]
+    keepers = [LeaseKeeper(labels_output, f"job-{k}") for k in range(3)]
     results: dict[str, list[str]] = {}
     start = threading.Barrier(len(keepers))
 
@@ -60,11 +50,11 @@ def epoch_clock() -> FakeClock:
     return FakeClock(1_000_000.0)
 
 
-def test_an_expired_lease_is_taken_over_and_its_holder_notices(output):
+def test_an_expired_lease_is_taken_over_and_its_holder_notices(labels_output):
     clock = epoch_clock()
-    slow = LeaseKeeper(output, "job-slow", ttl_s=60, clock=clock, monotonic=clock)
+    slow = LeaseKeeper(labels_output, "job-slow", ttl_s=60, clock=clock, monotonic=clock)
     assert slow.acquire(["E1"])[0] == ["E1"]
-    other = LeaseKeeper(output, "job-other", clock=clock, monotonic=clock)
+    other = LeaseKeeper(labels_output, "job-other", clock=clock, monotonic=clock)
     clock.sleep(59)
     assert other.acquire(["E1"]) == ([], {"E1": "job-slow"})
     clock.sleep(1)  # no heartbeat: the lease expires
@@ -73,10 +63,10 @@ def test_an_expired_lease_is_taken_over_and_its_holder_notices(output):
     assert other.live_jobs() == {"job-other"}
 
 
-def test_the_heartbeat_renews_and_the_end_of_the_job_releases(output):
+def test_the_heartbeat_renews_and_the_end_of_the_job_releases(labels_output):
     clock = epoch_clock()
-    keeper = LeaseKeeper(output, "job-a", ttl_s=60, heartbeat_s=0.05, clock=clock)
-    other = LeaseKeeper(output, "job-b", clock=clock)
+    keeper = LeaseKeeper(labels_output, "job-a", ttl_s=60, heartbeat_s=0.05, clock=clock)
+    other = LeaseKeeper(labels_output, "job-b", clock=clock)
     with keeper:  # the heartbeat thread: it renews on its own
         keeper.acquire(["E1", "E2"])
         first = storage.read_json(keeper.uri("E1"))["heartbeat_unix"]
@@ -89,12 +79,12 @@ def test_the_heartbeat_renews_and_the_end_of_the_job_releases(output):
     assert keeper.read("E1") is None and keeper.read("E2") is None
 
 
-def test_a_heartbeat_notices_a_lease_taken_over_and_stops_renewing_it(output):
+def test_a_heartbeat_notices_a_lease_taken_over_and_stops_renewing_it(labels_output):
     clock = epoch_clock()
-    slow = LeaseKeeper(output, "job-slow", ttl_s=60, clock=clock)
+    slow = LeaseKeeper(labels_output, "job-slow", ttl_s=60, clock=clock)
     slow.acquire(["E1", "E2"])
     clock.sleep(61)  # the heartbeat stalled past the TTL
-    taker = LeaseKeeper(output, "job-taker", clock=clock)
+    taker = LeaseKeeper(labels_output, "job-taker", clock=clock)
     assert taker.acquire(["E1"]) == (["E1"], {})
     slow.beat()
     assert slow.lost == {"E1"} and slow.held == {"E2"}
@@ -104,14 +94,14 @@ def test_a_heartbeat_notices_a_lease_taken_over_and_stops_renewing_it(output):
 
 def test_a_dead_process_on_this_machine_holds_nothing(tmp_path):
     """A job killed outright: a rerun on the same machine takes its episodes at once, not after the TTL."""
-    output = str(tmp_path / "labels")
+    labels_output = str(tmp_path / "labels")
     code = ("import sys; from simpsons_ray.label.leases import LeaseKeeper; "
             "print(LeaseKeeper(sys.argv[1], 'job-killed').acquire(['E1'])[0])")
-    done = subprocess.run([sys.executable, "-c", code, output], capture_output=True, text=True, check=True,
+    done = subprocess.run([sys.executable, "-c", code, labels_output], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
     assert done.stdout.strip() == "['E1']"
-    lease = json.loads(open(os.path.join(output, "_leases", "E1.json")).read())
-    rerun = LeaseKeeper(output, "job-rerun")
+    lease = json.loads(open(os.path.join(labels_output, "_leases", "E1.json")).read())
+    rerun = LeaseKeeper(labels_output, "job-rerun")
     assert not rerun.is_live(lease)  # fresh, but its process has exited
     assert rerun.acquire(["E1"]) == (["E1"], {})
     assert rerun.is_live(storage.read_json(rerun.uri("E1")))  # ours, and we are alive
